@@ -1,0 +1,118 @@
+"""Turbo checkpoint loader: ComfyUI's own single-file loading, restricted to the Turbo families."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_base
+import comfy.model_detection
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from .errors import TurboError
+
+# ComfyUI's detected model class -> the Turbo variant it can hold. SDXL's distilled cousins
+# (SSD-1B, Vega, KOALA) share SDXL's conditioning and epsilon schedule.
+TURBO_VARIANTS = {
+    "SD20": "sd-turbo",
+    "SDXL": "sdxl-turbo",
+    "SSD1B": "sdxl-turbo",
+    "Segmind_Vega": "sdxl-turbo",
+    "KOALA_700M": "sdxl-turbo",
+    "KOALA_1B": "sdxl-turbo",
+}
+NATIVE_RESOLUTION = 512  # both SD-Turbo and SDXL-Turbo were distilled at 512x512
+WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class TurboCheckpoint:
+    model: object
+    clip: object
+    vae: object
+    variant: str
+    family: str
+    width: int = NATIVE_RESOLUTION
+    height: int = NATIVE_RESOLUTION
+
+
+def detect_family(state_dict: dict, metadata: dict | None = None) -> str:
+    """ComfyUI's name for the model family of a checkpoint's UNet, e.g. 'SD20', 'SDXL', 'SD15', 'Flux'."""
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(state_dict)
+    config = comfy.model_detection.model_config_from_unet(state_dict, prefix, metadata=metadata)
+    return type(config).__name__ if config is not None else "unrecognised"
+
+
+def force_epsilon(model_patcher) -> None:
+    """Make a freshly loaded model epsilon-prediction with discrete (scaled-linear) sampling.
+
+    ComfyUI guesses v-prediction for SD2 checkpoints from a weight statistic, and some SDXL merges
+    carry a ``v_pred`` key; both Turbo models are epsilon models.
+    """
+    base = model_patcher.model
+    if base.model_type != comfy.model_base.ModelType.EPS:
+        base.model_type = comfy.model_base.ModelType.EPS
+        base.model_sampling = comfy.model_base.model_sampling(base.model_config, comfy.model_base.ModelType.EPS)
+
+
+def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default") -> TurboCheckpoint:
+    name = os.path.basename(ckpt_path)
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise TurboError(f"Unknown weight_dtype {weight_dtype!r}: use one of {', '.join(WEIGHT_DTYPES)}.")
+    sd, metadata = comfy.utils.load_torch_file(ckpt_path, safe_load=True, return_metadata=True)
+    family = detect_family(sd, metadata)
+    variant = TURBO_VARIANTS.get(family)
+    if variant is None:
+        raise TurboError(
+            f"'{name}' is a {family} checkpoint, not SD-Turbo (SD 2.1 family) or SDXL-Turbo (SDXL family). "
+            "Load it with the core 'Load Checkpoint' node, or pick an SD-Turbo / SDXL-Turbo file.")
+    model_options = {}
+    if WEIGHT_DTYPES[weight_dtype] is not None:
+        model_options["dtype"] = WEIGHT_DTYPES[weight_dtype]
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        model_options=model_options, metadata=metadata)
+    force_epsilon(model)
+    return TurboCheckpoint(model=model, clip=clip, vae=vae, variant=variant, family=family)
+
+
+class TurboCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TurboCheckpointLoader",
+            display_name="Load Turbo Checkpoint",
+            category="sampling/turbo",
+            description=(
+                "Loads an SD-Turbo or SDXL-Turbo single-file checkpoint (including SDXL turbo merges) with "
+                "ComfyUI's own loader, forces epsilon prediction, and reports the variant and its native "
+                "512x512 resolution. Other model families are refused with a clear error."),
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="A checkpoint in models/checkpoints: sd_turbo.safetensors, "
+                                       "sd_xl_turbo_1.0_fp16.safetensors or an SDXL turbo merge."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="UNet weight precision. 'default' lets ComfyUI choose for your device."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The denoising UNet, epsilon prediction."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder(s) for CLIP Text Encode."),
+                io.Vae.Output(display_name="VAE", tooltip="The VAE for encoding and decoding images."),
+                io.String.Output(display_name="variant", tooltip="'sd-turbo' or 'sdxl-turbo'."),
+                io.Int.Output(display_name="width", tooltip="Native width: 512."),
+                io.Int.Output(display_name="height", tooltip="Native height: 512."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, weight_dtype="default") -> io.NodeOutput:
+        path = folder_paths.get_full_path("checkpoints", ckpt_name)
+        if path is None:
+            raise TurboError(f"Checkpoint '{ckpt_name}' is not in models/checkpoints. "
+                             "Put the file there and refresh the page (press R).")
+        ckpt = load_turbo_checkpoint(path, weight_dtype)
+        return io.NodeOutput(ckpt.model, ckpt.clip, ckpt.vae, ckpt.variant, ckpt.width, ckpt.height)

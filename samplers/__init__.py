@@ -1,0 +1,26 @@
+"""Pure-torch sampling math for SD-Turbo / SDXL-Turbo. Imports nothing from ComfyUI."""
+from .schedule import (
+    NUM_TRAIN_TIMESTEPS,
+    SPACINGS,
+    TurboScheduleError,
+    effective_steps,
+    scaled_linear_sigmas,
+    stability_timesteps,
+    trailing_timesteps,
+    turbo_sigmas,
+    turbo_timesteps,
+)
+from .euler import (
+    NOISE_SCALES,
+    ancestral_step,
+    initial_noise_scale,
+    sample_turbo_euler,
+    seeded_noise_sampler,
+)
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS", "SPACINGS", "TurboScheduleError", "effective_steps",
+    "scaled_linear_sigmas", "stability_timesteps", "trailing_timesteps", "turbo_sigmas",
+    "turbo_timesteps", "NOISE_SCALES", "ancestral_step", "initial_noise_scale",
+    "sample_turbo_euler", "seeded_noise_sampler",
+]
