@@ -1,0 +1,73 @@
+"""Shared fixtures: the pack imported by path, generated model files, and a real ComfyUI server."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def _register_pack() -> None:
+    """Import the repo as the package ``comfy_turbo`` (its folder name may not be importable)."""
+    if "comfy_turbo" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "comfy_turbo", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["comfy_turbo"] = module
+    spec.loader.exec_module(module)
+
+
+_register_pack()
+
+
+def comfyui_path() -> Path:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.exit("COMFYUI_PATH is not set: run the tests with `bash scripts/test.sh`.", returncode=2)
+    return Path(path)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMFY_TURBO_CACHE", Path.home() / ".cache" / "comfy-turbo"))
+
+
+@pytest.fixture(scope="session")
+def model_files() -> dict[str, Path]:
+    """Generate (once, cached) the small random-weight model files; returns name -> path."""
+    out = cache_dir() / "fixtures"
+    subprocess.run([sys.executable, str(REPO / "tests" / "fixtures" / "make_models.py"),
+                    "--comfyui", str(comfyui_path()), "--out", str(out)], check=True)
+    return {p.name: p for p in out.rglob("*.safetensors")}
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI imported in this process (CPU), for tests that count calls or read internals."""
+    path = str(comfyui_path())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+    import comfy.sd  # noqa: F401
+    import comfy.samplers  # noqa: F401
+    return sys.modules["comfy"]
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory, model_files):
+    """One real ComfyUI server for the session, with the pack and all generated models installed."""
+    from comfy_host import ComfyHost
+    server = ComfyHost(tmp_path_factory.mktemp("comfy-base"), comfyui_path())
+    for path in model_files.values():
+        server.install_model(path, path.parent.name)
+    server.start()
+    yield server
+    server.stop()
