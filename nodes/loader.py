@@ -59,12 +59,36 @@ def force_epsilon(model_patcher) -> None:
         base.model_sampling = comfy.model_base.model_sampling(base.model_config, comfy.model_base.ModelType.EPS)
 
 
+def unreadable_file_message(name: str, path: str, error: Exception) -> str:
+    """Say why a checkpoint file could not be read, and what to do about it."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    if size == 0:
+        return f"'{name}' is empty (0 bytes): the download or copy failed. Download the file again."
+    if type(error).__name__ == "SafetensorError" or path.lower().endswith((".safetensors", ".sft")):
+        return (f"'{name}' is not a complete safetensors file ({error}; {size:,} bytes on disk): it is truncated "
+                "or corrupt. Download it again and check its size against the model page.")
+    if "weights_only" in str(error) or "Weights only load failed" in str(error):
+        return (f"'{name}' is a pickle checkpoint holding Python objects besides tensors. comfy-turbo loads "
+                ".ckpt/.pt files only with torch.load(weights_only=True), so none of its code ran. Use the "
+                ".safetensors release of the model instead.")
+    return f"'{name}' could not be read ({type(error).__name__}: {error}). Download the file again."
+
+
 def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default") -> TurboCheckpoint:
     name = os.path.basename(ckpt_path)
     if weight_dtype not in WEIGHT_DTYPES:
         raise TurboError(f"Unknown weight_dtype {weight_dtype!r}: use one of {', '.join(WEIGHT_DTYPES)}.")
-    sd, metadata = comfy.utils.load_torch_file(ckpt_path, safe_load=True, return_metadata=True)
+    try:
+        # safe_load: pickles go through torch.load(weights_only=True) and never execute code.
+        sd, metadata = comfy.utils.load_torch_file(ckpt_path, safe_load=True, return_metadata=True)
+    except Exception as e:
+        raise TurboError(unreadable_file_message(name, ckpt_path, e)) from e
     family = detect_family(sd, metadata)
+    if family == "unrecognised":
+        raise TurboError(
+            f"'{name}' holds no diffusion model that ComfyUI recognises, so it is not an SD-Turbo or SDXL-Turbo "
+            "checkpoint (LoRA, VAE, ControlNet and text-encoder files belong in their own loaders). "
+            "Pick an SD-Turbo / SDXL-Turbo checkpoint.")
     variant = TURBO_VARIANTS.get(family)
     if variant is None:
         raise TurboError(
@@ -76,6 +100,14 @@ def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default") -> Turb
     model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
         sd, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
         model_options=model_options, metadata=metadata)
+    if clip is None:
+        raise TurboError(
+            f"'{name}' has no text encoder weights. Use a full SD-Turbo / SDXL-Turbo checkpoint, or load this "
+            "UNet with the core 'Load Diffusion Model' node and the text encoder with 'Load CLIP'.")
+    if vae is None or getattr(vae, "first_stage_model", None) is None:
+        raise TurboError(
+            f"'{name}' has no VAE weights. Use a full SD-Turbo / SDXL-Turbo checkpoint, or add a core "
+            "'Load VAE' node (e.g. sdxl_vae.safetensors, or taesd/taesdxl) and decode with it.")
     force_epsilon(model)
     return TurboCheckpoint(model=model, clip=clip, vae=vae, variant=variant, family=family)
 

@@ -39,8 +39,8 @@ class TurboKSAMPLER(comfy.samplers.KSAMPLER):
 
 def check_sigmas(sigmas: torch.Tensor) -> None:
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise TurboError(f"SIGMAS has {max(sigmas.shape[-1] - 1, 0) if sigmas.ndim else 0} steps; connect a "
-                         "Turbo Scheduler with steps * strength >= 1.")
+        raise TurboError(f"SIGMAS holds no step (shape {tuple(sigmas.shape)}); connect a Turbo Scheduler "
+                         "with steps * strength >= 1.")
     if not torch.isfinite(sigmas).all():
         raise TurboError("SIGMAS contains NaN or inf; connect a Turbo Scheduler.")
 
@@ -48,15 +48,32 @@ def check_sigmas(sigmas: torch.Tensor) -> None:
 def check_latent(model, samples: torch.Tensor) -> None:
     """Refuse latents this model cannot denoise, before any work is done."""
     channels = model.get_model_object("latent_format").latent_channels
-    if samples.ndim != 4 or samples.shape[1] != channels:
-        got = samples.shape[1] if samples.ndim >= 2 else "no"
+    if samples.ndim != 4:
         raise TurboError(
-            f"The latent has {got} channels (shape {tuple(samples.shape)}), but this model needs {channels}. "
-            "It comes from another model family (16 channels: SD3/Flux); make it with Empty Latent Image, "
-            "or VAE Encode with this checkpoint's VAE.")
+            f"The latent has shape {tuple(samples.shape)}, but an image latent is [batch, {channels}, height/8, "
+            "width/8] (video and audio latents do not fit). Make it with Empty Latent Image or VAE Encode.")
+    if samples.shape[1] != channels:
+        raise TurboError(
+            f"The latent has {samples.shape[1]} channels (shape {tuple(samples.shape)}), but this model needs "
+            f"{channels}. It comes from another model family (16 channels: SD3/Flux); make it with Empty Latent "
+            "Image, or VAE Encode with this checkpoint's VAE.")
+    if min(samples.shape[-2:]) < 1:
+        raise TurboError(f"The latent is empty (shape {tuple(samples.shape)}); give it a width and height.")
     if not torch.isfinite(samples).all():
         raise TurboError("The input latent contains NaN or inf values. Re-encode the image with VAE Encode, "
                          "or fix the node that produced the latent.")
+
+
+def check_conditioning(model, positive) -> None:
+    """Refuse prompts encoded for another family: their width would fail deep inside the UNet."""
+    if not positive:
+        raise TurboError("The positive conditioning is empty; connect a CLIP Text Encode node.")
+    context_dim = model.model.model_config.unet_config.get("context_dim")
+    for emb, _ in positive:
+        if context_dim is not None and emb.shape[-1] != context_dim:
+            raise TurboError(
+                f"The prompt was encoded {emb.shape[-1]} wide, but this model's UNet needs {context_dim}: it came "
+                "from another model's text encoder. Encode it with the CLIP output of this checkpoint.")
 
 
 def with_size_conditioning(conditioning: list, width: int, height: int) -> list:
@@ -75,6 +92,7 @@ def turbo_sample(model, positive, latent: dict, sigmas: torch.Tensor, seed: int,
     check_sigmas(sigmas)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     check_latent(model, samples)
+    check_conditioning(model, positive)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
 
