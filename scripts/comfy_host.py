@@ -173,10 +173,11 @@ class ComfyHost:
     def object_info(self, node_class: str | None = None) -> dict:
         return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
 
-    def post_prompt(self, prompt: dict) -> dict:
+    def post_prompt(self, prompt: dict, client_id: str | None = None) -> dict:
         """POST /prompt; returns the server's JSON, raising PromptRejected on a 400 (validation error)."""
         try:
-            return json.loads(self.request("/prompt", {"prompt": prompt, "client_id": self.client_id}))
+            payload = {"prompt": prompt, "client_id": client_id or self.client_id}
+            return json.loads(self.request("/prompt", payload))
         except urllib.error.HTTPError as e:
             body = e.read().decode(errors="replace")
             raise PromptRejected(e.code, json.loads(body) if body.startswith("{") else {"raw": body}) from None
@@ -191,9 +192,9 @@ class ComfyHost:
         query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
         return self.request(f"/view?{query}")
 
-    def connect(self, timeout: float = 10.0) -> websocket.WebSocket:
+    def connect(self, timeout: float = 10.0, client_id: str | None = None) -> websocket.WebSocket:
         ws = websocket.WebSocket()
-        ws.connect(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+        ws.connect(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id or self.client_id}", timeout=timeout)
         return ws
 
     def run(self, prompt: dict, timeout: float = 600.0, on_event=None) -> PromptResult:
