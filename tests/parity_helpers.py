@@ -1,0 +1,366 @@
+"""Shared pieces of the parity tests (issue 3: "prove our sampling is the reference sampling").
+
+* ``SDXL_TURBO_SCHEDULER_CONFIG`` / ``SD_TURBO_SCHEDULER_CONFIG``: the ``scheduler/scheduler_config.json``
+  of the Hugging Face repos ``stabilityai/sdxl-turbo`` and ``stabilityai/sd-turbo``, as literal dicts
+  (no network), and :func:`diffusers_scheduler` to build the diffusers scheduler from them with
+  ``from_config`` exactly as ``DiffusionPipeline.from_pretrained`` does.
+* :func:`setup_comfyui`: puts the real ComfyUI (``$COMFYUI_PATH``) on ``sys.path`` and forces CPU.
+* :func:`comfy_model_sampling`: ComfyUI's own ``model_sampling`` object for the SD2.x (``SD20``) or
+  ``SDXL`` model config, built in-process with no weights.
+* :func:`load_repo_module`: import one of this repo's modules by path (the repo's ``nodes/`` package
+  would clash with ComfyUI's top-level ``nodes.py``).
+* :func:`diffusers_img2img_timesteps`: the real ``StableDiffusion(XL)Img2ImgPipeline.get_timesteps``
+  called unbound on a stub holding only the scheduler.
+* :func:`inject_ancestral_noise`: how we make diffusers' ``EulerAncestralDiscreteScheduler.step`` use
+  the same noise tensors as our sampler's ``noise_sampler``.
+* :func:`parity_record`: a pytest fixture that records each measured max error; the records are
+  merged into the JSON file named by ``$COMFY_TURBO_PARITY_REPORT`` (when set) for the README's
+  "Parity" table, and attached to the test's ``user_properties`` (visible in JUnit XML).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_DEFAULT_COMFYUI = Path("/root/.cache/comfy-turbo/env-7411c948e750/comfyui")
+
+
+def comfyui_path() -> Path:
+    """``$COMFYUI_PATH``, else the ComfyUI tree that ``scripts/env.sh`` links next to the interpreter."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return Path(env)
+    beside_python = Path(sys.prefix) / "comfyui"
+    if (beside_python / "comfy").is_dir():
+        return beside_python
+    return _DEFAULT_COMFYUI
+
+
+def fixtures_dir() -> Path:
+    """Where ``tests/fixtures/make_models.py`` writes the random-weight checkpoints."""
+    cache = os.environ.get("COMFY_TURBO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "comfy-turbo")
+    return Path(cache) / "fixtures"
+
+
+# --------------------------------------------------------------------------------------------
+# Reference scheduler configs (Hugging Face hub, scheduler/scheduler_config.json)
+# --------------------------------------------------------------------------------------------
+_COMMON_SCHEDULER_FIELDS = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+#: stabilityai/sdxl-turbo  scheduler/scheduler_config.json
+SDXL_TURBO_SCHEDULER_CONFIG = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "_diffusers_version": "0.24.0.dev0",
+    **_COMMON_SCHEDULER_FIELDS,
+}
+
+#: stabilityai/sd-turbo  scheduler/scheduler_config.json
+SD_TURBO_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.24.0.dev0",
+    **_COMMON_SCHEDULER_FIELDS,
+}
+
+SCHEDULER_CONFIGS = {"sdxl-turbo": SDXL_TURBO_SCHEDULER_CONFIG, "sd-turbo": SD_TURBO_SCHEDULER_CONFIG}
+
+
+def diffusers_scheduler(variant: str):
+    """The diffusers scheduler class named by the hub config's ``_class_name``, built ``from_config``."""
+    import diffusers
+
+    config = dict(SCHEDULER_CONFIGS[variant])
+    cls = getattr(diffusers, config["_class_name"])
+    return cls.from_config(config)
+
+
+def diffusers_img2img_timesteps(scheduler, variant: str, steps: int, strength: float):
+    """diffusers' own img2img timestep selection, run on ``scheduler`` (after ``set_timesteps``).
+
+    Calls ``StableDiffusionXLImg2ImgPipeline.get_timesteps`` (sdxl-turbo) or
+    ``StableDiffusionImg2ImgPipeline.get_timesteps`` (sd-turbo) unbound on a stub object holding only
+    ``scheduler``: ``init_timestep = min(int(N*strength), N)``, ``t_start = max(N - init_timestep, 0)``,
+    ``timesteps = scheduler.timesteps[t_start*order:]`` and ``scheduler.set_begin_index(t_start*order)``.
+    Returns ``(timesteps, num_inference_steps, t_start)``.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    pipe_cls = StableDiffusionXLImg2ImgPipeline if variant == "sdxl-turbo" else StableDiffusionImg2ImgPipeline
+    stub = types.SimpleNamespace(scheduler=scheduler)
+    timesteps, n = pipe_cls.get_timesteps(stub, steps, strength, "cpu")
+    return timesteps, n, steps - n
+
+
+# --------------------------------------------------------------------------------------------
+# ComfyUI
+# --------------------------------------------------------------------------------------------
+_COMFY_READY = False
+
+
+def setup_comfyui() -> Path:
+    """Put ComfyUI first on ``sys.path`` (its ``nodes.py`` must win over this repo's ``nodes/``), the
+    repo root after it (for ``import samplers``), and force ComfyUI onto the CPU."""
+    global _COMFY_READY
+    path = comfyui_path()
+    if not (path / "comfy").is_dir():
+        pytest.skip(f"ComfyUI not found at {path} (set COMFYUI_PATH)")
+    if _COMFY_READY:
+        return path
+    for p in (str(REPO_ROOT), str(path)):
+        while p in sys.path:
+            sys.path.remove(p)
+    sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+
+    _COMFY_READY = True
+    return path
+
+
+def comfy_model_sampling(family: str):
+    """ComfyUI's ``model_sampling`` for the ``SD20`` or ``SDXL`` model config, epsilon prediction.
+
+    Built exactly as ``comfy.model_base.BaseModel.__init__`` does
+    (``model_sampling(model_config, ModelType.EPS)``), without building the UNet.
+    """
+    setup_comfyui()
+    import comfy.model_base
+    import comfy.supported_models
+
+    cls = {"sd20": comfy.supported_models.SD20, "sdxl": comfy.supported_models.SDXL}[family]
+    config = cls(cls.unet_config)
+    return comfy.model_base.model_sampling(config, comfy.model_base.ModelType.EPS)
+
+
+class ModelSamplingStub:
+    """The one thing ComfyUI's sigma nodes ask of a MODEL: ``get_model_object("model_sampling")``.
+
+    It hands out a real ComfyUI ``model_sampling`` object, so no ComfyUI code is replaced.
+    """
+
+    def __init__(self, model_sampling):
+        self.model_sampling = model_sampling
+
+    def get_model_object(self, name):
+        if name != "model_sampling":
+            raise KeyError(name)
+        return self.model_sampling
+
+
+# --------------------------------------------------------------------------------------------
+# This repo's modules
+# --------------------------------------------------------------------------------------------
+_PACKAGE_ALIAS = "comfy_turbo_under_test"
+
+
+def load_repo_module(relpath: str):
+    """Import ``relpath`` (e.g. ``"nodes/loader.py"``) from this repo as a submodule of the repo package.
+
+    Uses the package ``comfy_turbo`` that tests/conftest.py registers for the repo root when it is
+    there (so every test shares one copy of the pack's modules); otherwise registers the repo root
+    as ``comfy_turbo_under_test`` (without executing its ``__init__.py``). Either way the module's
+    relative imports (``from ..samplers import``) resolve inside the repo and its ``nodes`` never
+    shadows ComfyUI's ``nodes.py``.
+    """
+    setup_comfyui()
+    alias = _PACKAGE_ALIAS
+    registered = sys.modules.get("comfy_turbo")  # tests/conftest.py registers the repo under this name
+    if registered is not None and [str(Path(p).resolve()) for p in getattr(registered, "__path__", [])] == [
+            str(REPO_ROOT)]:
+        alias = "comfy_turbo"
+    elif alias not in sys.modules:
+        pkg = types.ModuleType(alias)
+        pkg.__path__ = [str(REPO_ROOT)]
+        pkg.__file__ = None
+        sys.modules[alias] = pkg
+    rel = Path(relpath)
+    if not (REPO_ROOT / rel).exists():
+        pytest.skip(f"{relpath} does not exist in this checkout yet")
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return importlib.import_module(".".join([alias, *parts]))
+
+
+# --------------------------------------------------------------------------------------------
+# Noise injection into diffusers' EulerAncestralDiscreteScheduler.step
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def inject_ancestral_noise(noises: Sequence[torch.Tensor]):
+    """Make ``EulerAncestralDiscreteScheduler.step`` use ``noises[0], noises[1], ...`` in order.
+
+    ``step`` draws its fresh noise with ``randn_tensor(model_output.shape, dtype=..., device=...,
+    generator=generator)`` (diffusers/schedulers/scheduling_euler_ancestral_discrete.py), a name the
+    scheduler module imported from ``diffusers.utils.torch_utils``. We rebind that module-level name
+    for the duration of the block to a function that returns the next prepared tensor (checking the
+    requested shape and dtype). No scheduler arithmetic is touched. ``step`` draws on every step,
+    including the last one, where ``sigma_up == 0`` multiplies it away; when ``noises`` is exhausted
+    zeros are returned (and counted). The yielded list records the shape of every draw.
+    """
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as mod
+
+    queue = list(noises)
+    draws: list[tuple] = []
+    original = mod.randn_tensor
+
+    def fake_randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        draws.append(tuple(shape))
+        if len(draws) <= len(queue):
+            noise = queue[len(draws) - 1]
+            assert tuple(noise.shape) == tuple(shape), (noise.shape, shape)
+            return noise.to(device=device or "cpu", dtype=dtype or noise.dtype)
+        return torch.zeros(shape, dtype=dtype, device=device or "cpu")
+
+    mod.randn_tensor = fake_randn_tensor
+    try:
+        yield draws
+    finally:
+        mod.randn_tensor = original
+
+
+# --------------------------------------------------------------------------------------------
+# Error measures
+# --------------------------------------------------------------------------------------------
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs() / b.abs().clamp_min(1e-30)).max().item()
+
+
+def max_abs_over(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return max(max_abs(a, b) for a, b in pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# Parity report
+# --------------------------------------------------------------------------------------------
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    with contextlib.suppress(Exception):
+        import diffusers
+
+        out["diffusers"] = diffusers.__version__
+    with contextlib.suppress(Exception):
+        text = (comfyui_path() / "comfyui_version.py").read_text()
+        out["comfyui"] = text.split("__version__", 1)[1].split("=", 1)[1].strip().split()[0].strip("\"'")
+    return out
+
+
+def write_parity_record(record: dict) -> None:
+    """Merge ``record`` into ``$COMFY_TURBO_PARITY_REPORT`` (a JSON file), keyed by test and case."""
+    target = os.environ.get("COMFY_TURBO_PARITY_REPORT")
+    if not target:
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"records": {}}
+    if path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            data = json.loads(path.read_text())
+            data.setdefault("records", {})
+    data["environment"] = _versions()
+    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    data["records"][f"{record['test']}::{record['case']}"] = record
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def parity_record(request):
+    """``parity_record(case, max_error, tolerance, metric="max_abs", **details)`` for one measurement.
+
+    Records go to the test's ``user_properties`` and, when ``$COMFY_TURBO_PARITY_REPORT`` is set,
+    into that JSON file. Returns the record. The test still asserts on its own.
+    """
+
+    def record(case: str, max_error: float, tolerance: float, metric: str = "max_abs", **details):
+        rec = {
+            "test": request.node.nodeid.split("[")[0],
+            "case": case,
+            "metric": metric,
+            "max_error": float(max_error),
+            "tolerance": float(tolerance),
+            "passed": bool(max_error <= tolerance),
+            **details,
+        }
+        request.node.user_properties.append((f"parity:{case}", json.dumps(rec, sort_keys=True)))
+        write_parity_record(rec)
+        return rec
+
+    return record
+
+
+def markdown_table(report_path: str, grouped: bool = False) -> str:
+    """The README "Parity" table from a ``$COMFY_TURBO_PARITY_REPORT`` file.
+
+    ``grouped``: one row per case family (the first two ``/``-parts of the case name; for
+    trajectories and model runs also the txt2img/img2img part, and for trajectories the sigma
+    source), with the largest error of the family.
+    """
+    data = json.loads(Path(report_path).read_text())
+    records = sorted(data["records"].values(), key=lambda r: r["case"])
+    if grouped:
+        groups: dict = {}
+        for rec in records:
+            parts = rec["case"].split("/")
+            if parts[0] == "trajectory" and len(parts) == 5:  # .../<mode>/N<n>-s<strength>/<sigma source>
+                key = "/".join(parts[:3] + ["*", parts[4]])
+            elif parts[0] == "model":  # model/<variant>/<sampler>/<mode>/...
+                key = "/".join(parts[:4])
+            else:
+                key = "/".join(parts[:3] if parts[0] == "trajectory" else parts[:2])
+            g = groups.setdefault(key, dict(rec, case=key, n=0, max_abs=rec.get("max_abs")))
+            g["n"] += 1
+            g["max_error"] = max(g["max_error"], rec["max_error"])
+            g["passed"] = g["passed"] and rec["passed"]
+            if rec.get("max_abs") is not None:
+                g["max_abs"] = max(g.get("max_abs") or 0.0, rec["max_abs"])
+        records = list(groups.values())
+    esc = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+    rows = ["| case | metric | max error | tolerance | ok |", "|---|---|---|---|---|"]
+    for rec in records:
+        extra = f" (plain max-abs {rec['max_abs']:.1e})" if rec.get("max_abs") is not None else ""
+        count = f" ({rec['n']} cases)" if rec.get("n", 1) > 1 else ""
+        rows.append(f"| {esc(rec['case'])}{count} | {esc(rec['metric'])} | {rec['max_error']:.1e}{extra} | "
+                    f"{rec['tolerance']:.0e} | {'yes' if rec['passed'] else 'NO'} |")
+    env = data.get("environment", {})
+    rows.append("")
+    rows.append("Measured with " + ", ".join(f"{k} {v}" for k, v in sorted(env.items())) + ".")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/parity_helpers.py REPORT.json [--grouped]  -> markdown table
+    print(markdown_table(sys.argv[1], grouped="--grouped" in sys.argv[2:]))
