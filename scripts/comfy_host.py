@@ -24,6 +24,7 @@ import websocket  # websocket-client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfy-turbo"
+TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 MODEL_FOLDERS = ("checkpoints", "loras", "controlnet", "vae", "vae_approx", "embeddings", "clip", "upscale_models")
 
 
@@ -61,7 +62,7 @@ class PromptResult:
         """Wall time per executed node id, from the server's 'executing' messages."""
         times, current, start = {}, None, None
         for event in self.events:
-            if event["type"] != "executing":
+            if event["type"] not in ("executing", *TERMINAL_EVENTS):
                 continue
             if current is not None:
                 times[current] = times.get(current, 0.0) + event["t"] - start
@@ -230,8 +231,7 @@ class ComfyHost:
             if on_event is not None:
                 on_event(event)
             kind = event["type"]
-            finished = ((kind == "executing" and data.get("node") is None) or kind == "execution_success"
-                        or kind in ("execution_error", "execution_interrupted"))
+            finished = (kind == "executing" and data.get("node") is None) or kind in TERMINAL_EVENTS
             if finished:
                 status = {"execution_error": "error", "execution_interrupted": "interrupted"}.get(kind, "success")
                 return PromptResult(prompt_id, status, events, self.wait_history(prompt_id))
