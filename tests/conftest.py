@@ -71,3 +71,33 @@ def host(tmp_path_factory, model_files):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def user_models(host, model_files):
+    """The host's models/ and input/ as a user of the shipped workflows has them.
+
+    Every file a workflow in workflows/ names is installed under that name, as a link to the
+    generated stand-in (TAESD as .pth, as its GitHub release ships it), and input/example.png is
+    ComfyUI's own example image at 128 px. Returns {(folder, name): installed path}.
+    """
+    import safetensors.torch
+    import torch
+    from PIL import Image
+
+    from workflow_utils import TEST_SIZE, USER_MODEL_STAND_INS
+    installed = {}
+    converted = host.base_dir / "user-models"
+    converted.mkdir(exist_ok=True)
+    for (folder, name), stand_in in USER_MODEL_STAND_INS.items():
+        source = model_files[stand_in]
+        if name.endswith(".pth"):
+            target = converted / name
+            if not target.exists():
+                torch.save(safetensors.torch.load_file(str(source)), target)
+            source = target
+        host.install_model(source, folder, name)
+        installed[(folder, name)] = host.models_dir / folder / name
+    with Image.open(comfyui_path() / "input" / "example.png") as img:
+        img.convert("RGB").resize((TEST_SIZE, TEST_SIZE), Image.LANCZOS).save(host.base_dir / "input" / "example.png")
+    return installed

@@ -53,3 +53,57 @@ def png_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:
         assert img.format == "PNG"
         return img.size
+
+
+# --- the shipped workflow gallery (workflows/*.json and their API twins) ----------------------
+
+UI_DIR = REPO / "workflows"
+TEST_SIZE = 128          # the committed workflows are 512 px; tests run them at this size
+
+# The file names the workflows ask for (models/<folder>/<name>) -> the generated stand-in that the
+# tests install under that name, so every workflow opens and runs unmodified apart from its size.
+USER_MODEL_STAND_INS = {
+    ("checkpoints", "sd_turbo.safetensors"): "sd-turbo-tiny.safetensors",
+    ("checkpoints", "sd_xl_turbo_1.0_fp16.safetensors"): "sdxl-turbo-tiny.safetensors",
+    ("loras", "toy_face_sdxl.safetensors"): "sdxl-turbo-tiny-lora.safetensors",
+    ("loras", "pixel-art-xl.safetensors"): "sdxl-turbo-tiny-lora.safetensors",
+    ("controlnet", "controlnet-canny-sdxl-1.0.fp16.safetensors"): "sdxl-turbo-tiny-controlnet.safetensors",
+    ("vae_approx", "taesd_encoder.pth"): "taesd_encoder.safetensors",
+    ("vae_approx", "taesd_decoder.pth"): "taesd_decoder.safetensors",
+    ("vae_approx", "taesdxl_encoder.pth"): "taesdxl_encoder.safetensors",
+    ("vae_approx", "taesdxl_decoder.pth"): "taesdxl_decoder.safetensors",
+}
+
+
+def gallery_names() -> list[str]:
+    """Names of the UI workflows in workflows/ (each has workflows/api/<name>_api.json)."""
+    return sorted(p.stem for p in UI_DIR.glob("*.json"))
+
+
+def load_ui(name: str) -> dict:
+    return json.loads((UI_DIR / f"{name}.json").read_text())
+
+
+def load_api_twin(name: str) -> dict:
+    return load_api(f"{name}_api.json")
+
+
+def shrink(prompt: dict, size: int = TEST_SIZE) -> dict:
+    """The same prompt with every Empty Latent Image at size x size (linked sizes replaced)."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=size, height=size)
+    return prompt
+
+
+def sampling_steps(prompt: dict) -> int:
+    """How many steps the prompt's Turbo Scheduler runs: int(steps * strength)."""
+    inputs = node_of(prompt, "TurboScheduler")["inputs"]
+    return int(inputs["steps"] * inputs["strength"])
+
+
+def png_pixels(data: bytes) -> bytes:
+    """The decoded RGB pixels of a PNG (its metadata, which holds the prompt, left out)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB").tobytes()
