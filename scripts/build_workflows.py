@@ -116,7 +116,7 @@ SPECS = [
 ]
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
-COLUMN_GAP, ROW_GAP = 50, 40
+COLUMN_GAP, ROW_GAP = 50, 70   # a node's title bar (30 px) sits above its position
 
 
 # --- node definitions -------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def build_ui(spec: Spec, api: dict, object_info: dict, version: str | None = Non
     placeable = {**nodes, "note": note}
     x = 0
     for column in spec.layout:
-        y, width = 0, 0
+        y, width = 30, 0
         for node_id in column:
             node = placeable[node_id]
             node["size"] = estimate_size(node)
