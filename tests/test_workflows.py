@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_DIR_NAME
-from workflow_utils import (TEST_SIZE, UI_DIR, USER_MODEL_STAND_INS, gallery_names, load_api_twin, load_ui,
-                            node_of, png_pixels, png_size, sampling_steps, shrink)
+from workflow_utils import (TEST_SIZE, UI_DIR, USER_MODEL_STAND_INS, gallery_names, gallery_names_by_checkpoint,
+                            load_api_twin, load_ui, node_of, png_pixels, png_size, sampling_steps, shrink)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO.parent / "shared" / "schemas"
@@ -224,6 +224,8 @@ def test_server_lists_every_ui_workflow_as_a_template(host):
     for name in NAMES:
         served = host.get_json(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
         assert served == load_ui(name)
+        thumbnail = host.request(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")   # the dialog's card
+        assert thumbnail.startswith(b"\xff\xd8\xff") and len(thumbnail) < 100_000
 
 
 def test_server_parses_our_pyproject_without_complaint(host):
@@ -245,11 +247,9 @@ def _pixels(host, prompt, prefix) -> list[bytes]:
     return [png_pixels(host.view(image)) for image in _run(host, prompt, prefix).images()]
 
 
-# Grouped by checkpoint, so the server loads each model once.
-RUN_ORDER = sorted(NAMES, key=lambda n: (node_of(load_api_twin(n), "TurboCheckpointLoader")["inputs"]["ckpt_name"], n))
-
-
-@pytest.mark.parametrize("name", RUN_ORDER)
+# The runs below are ordered so that consecutive prompts share a checkpoint (SDXL-Turbo last, then the
+# LoRA, ControlNet and TAESDXL tests, then SD-Turbo again): the server then loads each model less often.
+@pytest.mark.parametrize("name", gallery_names_by_checkpoint())
 def test_api_twin_runs_to_an_image(host, user_models, name):
     prompt = shrink(load_api_twin(name))
     result = _run(host, prompt, f"test/workflows/{name}")
@@ -261,11 +261,6 @@ def test_api_twin_runs_to_an_image(host, user_models, name):
         assert png_size(host.view(image)) == (TEST_SIZE, TEST_SIZE)
     steps = {e["data"]["max"] for e in result.events if e["type"] == "progress"}
     assert steps == {sampling_steps(prompt)}
-
-
-def test_batch_of_four_gives_four_different_images(host, user_models):
-    images = _pixels(host, shrink(load_api_twin("turbo_batch4")), "test/workflows/batch-distinct")
-    assert len(images) == 4 and len(set(images)) == 4
 
 
 def test_stacked_loras_each_change_the_output_and_strength_zero_does_not(host, user_models):
@@ -310,7 +305,7 @@ def test_controlnet_changes_the_output_and_strength_zero_does_not(host, user_mod
     assert zero == plain
 
 
-@pytest.mark.parametrize("name", ["turbo_taesd_fast_decode", "turbo_taesdxl_fast_decode"])
+@pytest.mark.parametrize("name", ["turbo_taesdxl_fast_decode", "turbo_taesd_fast_decode"])
 def test_fast_decode_uses_taesd_not_the_checkpoint_vae(host, user_models, name):
     prompt = shrink(load_api_twin(name))
     assert node_of(prompt, "VAEDecode")["inputs"]["vae"] == ["15", 0]
@@ -318,6 +313,12 @@ def test_fast_decode_uses_taesd_not_the_checkpoint_vae(host, user_models, name):
     full = copy.deepcopy(prompt)
     full["6"]["inputs"]["vae"] = ["1", 2]
     assert fast != _pixels(host, full, f"test/{name}/full")
+
+
+def test_batch_of_four_gives_four_different_images(host, user_models):
+    images = _pixels(host, shrink(load_api_twin("turbo_batch4")), "test/workflows/batch-distinct")
+    assert len(images) == 4 and len(set(images)) == 4
+
 
 
 # --- Comfy Registry packaging -------------------------------------------------------------------
@@ -363,7 +364,8 @@ def test_comfyui_reads_our_pyproject_as_we_mean_it():
     assert config.tool_comfy.display_name == data["tool"]["comfy"]["DisplayName"]
 
 
-RUNTIME_IMPORTS = {"torch", "folder_paths", "latent_preview", "node_helpers"}
+# ComfyUI's own top-level modules a node may use (its core nodes module included), and torch.
+COMFYUI_MODULES = {"folder_paths", "latent_preview", "node_helpers", "nodes"}
 
 
 def _pack_sources():
@@ -374,6 +376,8 @@ def _pack_sources():
 def test_pack_needs_nothing_beyond_comfyui():
     """No runtime dependency: nodes/ and samplers/ import only the stdlib, torch and ComfyUI's own modules."""
     assert _pyproject()["project"]["dependencies"] == []
+    from conftest import comfyui_path
+    assert all((comfyui_path() / f"{module}.py").is_file() for module in COMFYUI_MODULES)
     foreign = []
     for path in _pack_sources():
         for stmt in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -385,7 +389,8 @@ def test_pack_needs_nothing_beyond_comfyui():
                 continue
             for module in modules:
                 top = module.split(".")[0]
-                if not (top in sys.stdlib_module_names or top in RUNTIME_IMPORTS or top.startswith("comfy")):
+                if not (top in sys.stdlib_module_names or top == "torch" or top in COMFYUI_MODULES
+                        or top.startswith("comfy")):
                     foreign.append(f"{path.relative_to(REPO)}: {module}")
     assert len(_pack_sources()) >= 8
     assert not foreign, foreign

@@ -80,6 +80,13 @@ def gallery_names() -> list[str]:
     return sorted(p.stem for p in UI_DIR.glob("*.json"))
 
 
+def gallery_names_by_checkpoint() -> list[str]:
+    """The gallery grouped by the checkpoint it loads, so a server loads each model once."""
+    def key(name):
+        return node_of(load_api_twin(name), "TurboCheckpointLoader")["inputs"]["ckpt_name"], name
+    return sorted(gallery_names(), key=key)
+
+
 def load_ui(name: str) -> dict:
     return json.loads((UI_DIR / f"{name}.json").read_text())
 

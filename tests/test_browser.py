@@ -1,0 +1,274 @@
+"""The shipped workflows in a real browser: ComfyUI's own web UI in headless Chromium (Playwright).
+
+For each workflow in workflows/ a fresh page opens the Templates dialog, picks it under the pack's
+name as a user does, and checks that the frontend reports no missing node or model, shows no
+dialog and logs no error, and turns the graph into exactly the API twin. Then it presses Run (with
+Empty Latent Image at 128 px instead of 512 in the queued prompt, as the API tests do), waits for
+the server's success and the image on the Save Image node, and takes a 1280x800 screenshot.
+
+Screenshots go to out/screenshots/ (COMFY_TURBO_SCREENSHOTS moves them). With
+COMFY_TURBO_UPDATE_GALLERY=1 they also refresh docs/screenshots/ (the README gallery) and the
+template thumbnails workflows/<name>.jpg.
+
+Chromium is Debian's `chromium` package, installed with apt-get when missing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from comfy_host import PACK_DIR_NAME
+from workflow_utils import TEST_SIZE, gallery_names_by_checkpoint, load_api_twin, load_ui, node_of
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium's own connections get refused on a closed network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1280, "height": 800}
+UI_SETTINGS = {
+    "Comfy.TutorialCompleted": True,                 # no first-run template browser over the canvas
+    "Comfy.Minimap.Visible": False,
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,         # draw node text at the zoom that fits the whole graph
+}
+NAMES = gallery_names_by_checkpoint()
+UPDATE_GALLERY = os.environ.get("COMFY_TURBO_UPDATE_GALLERY") == "1"
+SCREENSHOTS = Path(os.environ.get("COMFY_TURBO_SCREENSHOTS", REPO / "out" / "screenshots"))
+GALLERY = REPO / "docs" / "screenshots"
+
+# Runs before the frontend's own scripts: remember what it reports while loading a workflow.
+INIT_SCRIPT = """
+localStorage.setItem('vueNodesBannerDismissed', 'true');
+window.__turbo = {loaded: [], missingNodes: [], missingModels: []};
+const __turboHook = setInterval(() => {
+  const app = window.app;
+  if (!app || !app.loadGraphData || app.__turboHooked) return;
+  app.__turboHooked = true;
+  clearInterval(__turboHook);
+  const load = app.loadGraphData.bind(app);
+  app.loadGraphData = async (...args) => {
+    const result = await load(...args);
+    window.__turbo.loaded.push(args[3] ?? null);
+    return result;
+  };
+  const nodes = app.showMissingNodesError.bind(app);
+  app.showMissingNodesError = (missing, ...rest) => {
+    window.__turbo.missingNodes.push(...missing.map(m => typeof m === 'string' ? m : m.type));
+    return nodes(missing, ...rest);
+  };
+  const models = app.showMissingModelsError.bind(app);
+  app.showMissingModelsError = (missing, ...rest) => {
+    window.__turbo.missingModels.push(...missing.map(m => `${m.directory}/${m.name}`));
+    return models(missing, ...rest);
+  };
+}, 10);
+"""
+# Test-only: queue the graph with every Empty Latent Image at a small size (the graph itself keeps 512).
+SHRINK_QUEUED_PROMPT = """
+(size) => {
+  const toPrompt = app.graphToPrompt.bind(app);
+  app.graphToPrompt = async (...args) => {
+    const prompt = await toPrompt(...args);
+    for (const node of Object.values(prompt.output)) {
+      if (node.class_type === 'EmptyLatentImage') { node.inputs.width = size; node.inputs.height = size; }
+    }
+    return prompt;
+  };
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        if shutil.which("apt-get") is None:
+            pytest.fail(f"{CHROMIUM} is missing and there is no apt-get to install Debian's chromium package")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, timeout=900,
+                       stdout=subprocess.DEVNULL)
+    assert CHROMIUM.exists()
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture(scope="module")
+def ui(host, user_models):
+    """The host with the UI settings of a returning user and the models the workflows name."""
+    host.request("/settings", UI_SETTINGS)
+    return host
+
+
+class UiPage:
+    """One fresh browser page on the ComfyUI web UI, recording what goes wrong after it has booted."""
+
+    def __init__(self, browser, host):
+        self.host = host
+        self.context = browser.new_context(viewport=VIEWPORT)
+        self.context.add_init_script(INIT_SCRIPT)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(60_000)
+        self.problems: list[str] = []
+        self.watching = False
+        self.page.on("pageerror", lambda error: self._problem(f"page error: {error}"))
+        self.page.on("console", self._console)
+        self.page.on("response", self._response)
+        self.page.goto(host.url)
+        self.page.wait_for_function("() => window.app?.graph && window.app.__turboHooked && "
+                                    "Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 100")
+        self.watching = True      # the frontend's own first-boot noise (no user.css etc.) is not ours
+
+    def _problem(self, text):
+        if self.watching:
+            self.problems.append(text)
+
+    def _console(self, message):
+        # Requests to outside hosts (the frontend asks api.comfy.org about node packs) fail on a closed
+        # network; local failures are caught from the responses instead.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self._problem(f"console error: {message.text}")
+
+    def _response(self, response):
+        if response.url.startswith(self.host.url) and response.status >= 400:
+            if UPDATE_GALLERY and response.url.startswith(f"{self.host.url}/api/workflow_templates/") \
+                    and response.url.endswith(".jpg"):
+                return        # the thumbnails this run is making
+            self._problem(f"HTTP {response.status} {response.url}")
+
+    def evaluate(self, script, arg=None):
+        return self.page.evaluate(script, arg)
+
+    def open_dialogs(self) -> list[str]:
+        return self.evaluate("() => Array.from(document.querySelectorAll('.p-dialog'))"
+                             ".filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 400))")
+
+    def open_template(self, name):
+        """Templates dialog -> the pack's category -> the workflow's card, as a user picks it."""
+        self.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        dialog = self.page.locator(".p-dialog").filter(has_text="Templates")
+        dialog.get_by_text(PACK_DIR_NAME, exact=True).first.click()
+        dialog.get_by_text(name, exact=True).first.click()
+        self.page.wait_for_function("(name) => window.__turbo.loaded.includes(name)", arg=name)
+        dialog.wait_for(state="detached")
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def ui_page(browser, ui):
+    page = UiPage(browser, ui)
+    yield page
+    page.close()
+
+
+GRAPH_BOX = """() => {
+  const {scale, offset} = app.canvas.ds, title = LiteGraph.NODE_TITLE_HEIGHT + 20;
+  const box = [Infinity, Infinity, -Infinity, -Infinity];
+  for (const n of app.graph.nodes) {
+    box[0] = Math.min(box[0], n.pos[0]); box[1] = Math.min(box[1], n.pos[1] - title);
+    box[2] = Math.max(box[2], n.pos[0] + n.size[0]); box[3] = Math.max(box[3], n.pos[1] + n.size[1]);
+  }
+  return [(box[0] + offset[0]) * scale, (box[1] + offset[1]) * scale,
+          (box[2] + offset[0]) * scale, (box[3] + offset[1]) * scale].map(Math.round);
+}"""
+
+
+def _save_screenshot(png: bytes, name: str, graph_box: list[int]) -> None:
+    """A palette PNG (a third of the size); on request also the gallery copy and the template thumbnail."""
+    with Image.open(io.BytesIO(png)) as shot:
+        shot = shot.convert("RGB")
+        small = shot.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        for folder in [SCREENSHOTS] + ([GALLERY] if UPDATE_GALLERY else []):
+            folder.mkdir(parents=True, exist_ok=True)
+            small.save(folder / f"{name}.png", optimize=True)
+        if UPDATE_GALLERY:
+            # The Templates dialog shows a square card: the graph alone, centred on the canvas colour.
+            left, top, right, bottom = graph_box
+            graph = shot.crop((max(left - 12, 0), max(top - 12, 0), min(right + 12, shot.width),
+                               min(bottom + 12, shot.height)))
+            side = max(graph.size)
+            card = Image.new("RGB", (side, side), shot.getpixel((shot.width // 2, shot.height - 120)))
+            card.paste(graph, ((side - graph.width) // 2, (side - graph.height) // 2))
+            card.resize((400, 400), Image.LANCZOS).save(REPO / "workflows" / f"{name}.jpg", quality=85, optimize=True)
+
+
+def _wait_for_history(host, prompt_id: str, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = host.history(prompt_id)
+        if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str") == "error":
+            return entry
+        assert host.alive(), host.log_tail()
+        time.sleep(0.25)
+    raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f}s:\n{host.log_tail()}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
+    page, workflow, api = ui_page, load_ui(name), load_api_twin(name)
+
+    page.open_template(name)
+    assert page.evaluate("() => window.__turbo.missingNodes") == []
+    assert page.evaluate("() => window.__turbo.missingModels") == []
+    assert page.open_dialogs() == []
+    loaded = page.evaluate("() => app.graph.nodes.map(n => [n.id, n.type, !!n.has_errors]).sort((a, b) => a[0] - b[0])")
+    assert loaded == sorted([node["id"], node["type"], False] for node in workflow["nodes"])
+    # The frontend's own conversion of the opened graph is the API twin, titles included.
+    assert page.evaluate("async () => (await app.graphToPrompt()).output") == api
+
+    page.evaluate(SHRINK_QUEUED_PROMPT, TEST_SIZE)
+    with page.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as sent:
+        page.page.locator("[data-testid='queue-button'] button").first.click()
+    queued = sent.value.json()
+    assert queued.get("node_errors") in ({}, None), queued
+    entry = _wait_for_history(page.host, queued["prompt_id"])
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+
+    save_id = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
+    batch = node_of(api, "EmptyLatentImage")["inputs"]["batch_size"] if any(
+        n["class_type"] == "EmptyLatentImage" for n in api.values()) else 1
+    assert len(entry["outputs"][save_id]["images"]) == batch
+    # The web UI received the result and shows every image on the Save Image node.
+    page.page.wait_for_function(
+        "([id, n]) => { const imgs = app.graph.getNodeById(id)?.imgs;"
+        " return imgs?.length === n && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+        arg=[int(save_id), batch])
+    widths = page.evaluate(f"() => app.graph.getNodeById({int(save_id)}).imgs.map(i => i.naturalWidth)")
+    assert widths == [TEST_SIZE] * batch
+    assert page.open_dialogs() == []
+    assert page.problems == []
+
+    page.evaluate("() => new Promise(r => { app.graph.setDirtyCanvas(true, true); requestAnimationFrame(() => r()); })")
+    _save_screenshot(page.page.screenshot(), name, page.evaluate(GRAPH_BOX))
+
+
+def test_a_missing_node_and_model_are_reported(ui_page):
+    """The checks above can fail: an unknown node type and an absent model file are caught and shown."""
+    workflow = load_ui("turbo_txt2img")
+    loader = next(n for n in workflow["nodes"] if n["type"] == "TurboCheckpointLoader")
+    loader["widgets_values"][0] = "not_downloaded_turbo.safetensors"
+    loader["properties"]["models"] = [{"name": "not_downloaded_turbo.safetensors", "directory": "checkpoints",
+                                       "url": "https://huggingface.co/example/none/resolve/main/not_downloaded_turbo.safetensors"}]
+    next(n for n in workflow["nodes"] if n["type"] == "TurboScheduler")["type"] = "TurboNoSuchNode"
+    ui_page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'broken'); }", workflow)
+    assert ui_page.evaluate("() => window.__turbo.missingNodes") == ["TurboNoSuchNode"]
+    assert ui_page.evaluate("() => window.__turbo.missingModels") == ["checkpoints/not_downloaded_turbo.safetensors"]
+    ui_page.page.wait_for_function("() => document.querySelectorAll('.p-dialog').length > 0")
+    assert any("TurboNoSuchNode" in text for text in ui_page.open_dialogs())
