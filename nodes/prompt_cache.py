@@ -1,0 +1,94 @@
+"""Turbo Text Encode: CLIPTextEncode with a memo of recent prompts.
+
+ComfyUI's executor keeps only the last output of each node, so a graph that switches between
+prompts (A, B, A, ...) re-runs the text encoders every time. This node remembers the last
+``CACHE_SIZE`` encodings, keyed by the text encoder's identity and state:
+
+* the ``cond_stage_model`` object (held weakly, so a reloaded checkpoint never matches),
+* its patcher's ``patches_uuid``: ComfyUI gives a patcher a new uuid whenever patches (a LoRA)
+  are added, and clones with the same patches share it (comfy/model_patcher.py),
+* ``layer_idx`` (CLIP Set Last Layer) and the tokenizer options,
+* the text.
+
+CLIPs carrying hooks or object patches are encoded every time, never cached.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+from comfy_api.latest import io
+
+from .errors import TurboError
+
+CACHE_SIZE = 32
+_cache: "OrderedDict[tuple, tuple[weakref.ref, list]]" = OrderedDict()
+stats = {"hits": 0, "misses": 0, "uncacheable": 0}
+
+
+def cache_key(clip, text: str) -> tuple | None:
+    """The memo key of (clip, text), or None when this CLIP's output must not be cached."""
+    patcher = clip.patcher
+    if getattr(patcher, "forced_hooks", None) is not None or getattr(clip, "use_clip_schedule", False):
+        return None
+    if getattr(patcher, "object_patches", None):
+        return None
+    options = tuple(sorted((k, repr(v)) for k, v in getattr(clip, "tokenizer_options", {}).items()))
+    return (id(clip.cond_stage_model), str(patcher.patches_uuid), clip.layer_idx, options, text)
+
+
+def _copy(conditioning: list) -> list:
+    """New lists and option dicts around the same tensors, so a caller's edits never reach the memo."""
+    return [[emb, dict(opts)] for emb, opts in conditioning]
+
+
+def encode(clip, text: str) -> list:
+    """What core CLIPTextEncode returns (``clip.encode_from_tokens_scheduled(clip.tokenize(text))``), memoised."""
+    if clip is None:
+        raise TurboError("The CLIP input is empty: the checkpoint has no text encoder. Connect a 'Load CLIP' node.")
+    key = cache_key(clip, text)
+    if key is None:
+        stats["uncacheable"] += 1
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    entry = _cache.get(key)
+    if entry is not None and entry[0]() is clip.cond_stage_model:
+        _cache.move_to_end(key)
+        stats["hits"] += 1
+        return _copy(entry[1])
+    stats["misses"] += 1
+    conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    _cache[key] = (weakref.ref(clip.cond_stage_model), _copy(conditioning))
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return conditioning
+
+
+def clear() -> None:
+    _cache.clear()
+    for k in stats:
+        stats[k] = 0
+
+
+class TurboTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TurboTextEncode",
+            display_name="Turbo Text Encode (cached)",
+            category="sampling/turbo",
+            description=(
+                "Encodes a prompt exactly like CLIP Text Encode, and remembers the last "
+                f"{CACHE_SIZE} prompts per text encoder (and LoRA / CLIP-skip state), so switching back to an "
+                "earlier prompt costs no text-encoder pass."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP output of the Turbo checkpoint (LoRA-patched CLIPs work; "
+                                              "a new LoRA or strength is a new cache entry)."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The prompt. Turbo models use no negative prompt."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="The encoded prompt, for Turbo Sampler or ControlNet Apply.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text) -> io.NodeOutput:
+        return io.NodeOutput(encode(clip, text))
