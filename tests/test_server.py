@@ -6,7 +6,8 @@ import pytest
 from workflow_utils import (SD15, SD_TURBO, SDXL_TURBO, TURBO_CHECKPOINTS, load_api, node_of, png_size, txt2img,
                             write_input_image)
 
-OUR_NODES = ["TurboCheckpointLoader", "TurboScheduler", "TurboEulerSampler", "TurboSampler"]
+OUR_NODES = ["TurboCheckpointLoader", "TurboScheduler", "TurboEulerSampler", "TurboSampler",
+             "TurboTextEncode", "TurboFastPath", "TurboVAEDecode"]
 
 
 def test_pack_loads_without_import_error(host):
