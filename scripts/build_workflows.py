@@ -272,7 +272,7 @@ def build_ui(spec: Spec, api: dict, object_info: dict, version: str | None = Non
         node = {"id": int(node_id), "type": class_type, "pos": [0, 0], "size": [0, 0], "flags": {}, "order": 0,
                 "mode": 0, "inputs": inputs, "outputs": outputs}
         title = api_node.get("_meta", {}).get("title")
-        if title and title not in (node_def.get("display_name"), class_type):
+        if title:      # always explicit: display names change between ComfyUI versions ("Canny" in 0.3.75)
             node["title"] = title
         node["properties"] = properties
         node["widgets_values"] = widgets_values
