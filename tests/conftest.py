@@ -98,6 +98,15 @@ def user_models(host, model_files):
             source = target
         host.install_model(source, folder, name)
         installed[(folder, name)] = host.models_dir / folder / name
-    with Image.open(comfyui_path() / "input" / "example.png") as img:
-        img.convert("RGB").resize((TEST_SIZE, TEST_SIZE), Image.LANCZOS).save(host.base_dir / "input" / "example.png")
+    example = comfyui_path() / "input" / "example.png"
+    if example.is_file():
+        with Image.open(example) as img:
+            picture = img.convert("RGB").resize((TEST_SIZE, TEST_SIZE), Image.LANCZOS)
+    else:                          # a checkout without input/: shapes with edges for Canny
+        from PIL import ImageDraw
+        picture = Image.new("RGB", (TEST_SIZE, TEST_SIZE), (40, 90, 160))
+        draw = ImageDraw.Draw(picture)
+        draw.ellipse((16, 16, 80, 80), fill=(240, 200, 40))
+        draw.rectangle((56, 64, 116, 120), fill=(200, 60, 60))
+    picture.save(host.base_dir / "input" / "example.png")
     return installed

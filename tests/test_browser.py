@@ -1,8 +1,9 @@
 """The shipped workflows in a real browser: ComfyUI's own web UI in headless Chromium (Playwright).
 
 For each workflow in workflows/ a fresh page opens the Templates dialog, picks it under the pack's
-name as a user does, and checks that the frontend reports no missing node or model, shows no
-dialog and logs no error, and turns the graph into exactly the API twin. Then it presses Run (with
+name as a user does, and checks that the frontend shows no dialog, alert or error notice (it reports
+a missing node or model file that way: a dialog in frontend 1.32, a notice in newer ones), logs no
+error, and turns the graph into exactly the API twin. Then it presses Run (with
 Empty Latent Image at 128 px instead of 512 in the queued prompt, as the API tests do), waits for
 the server's success and the image on the Save Image node, and takes a 1280x800 screenshot.
 
@@ -38,16 +39,18 @@ UI_SETTINGS = {
     "Comfy.TutorialCompleted": True,                 # no first-run template browser over the canvas
     "Comfy.Minimap.Visible": False,
     "LiteGraph.Canvas.MinFontSizeForLOD": 0,         # draw node text at the zoom that fits the whole graph
+    "Comfy.Workflow.Persist": False,                 # every page starts empty, not with the last graph
 }
 NAMES = gallery_names_by_checkpoint()
 UPDATE_GALLERY = os.environ.get("COMFY_TURBO_UPDATE_GALLERY") == "1"
 SCREENSHOTS = Path(os.environ.get("COMFY_TURBO_SCREENSHOTS", REPO / "out" / "screenshots"))
 GALLERY = REPO / "docs" / "screenshots"
 
-# Runs before the frontend's own scripts: remember what it reports while loading a workflow.
+# Runs before the frontend's own scripts: note each completed app.loadGraphData (the Templates dialog
+# loads through it).
 INIT_SCRIPT = """
 localStorage.setItem('vueNodesBannerDismissed', 'true');
-window.__turbo = {loaded: [], missingNodes: [], missingModels: []};
+window.__turboLoaded = [];
 const __turboHook = setInterval(() => {
   const app = window.app;
   if (!app || !app.loadGraphData || app.__turboHooked) return;
@@ -56,21 +59,17 @@ const __turboHook = setInterval(() => {
   const load = app.loadGraphData.bind(app);
   app.loadGraphData = async (...args) => {
     const result = await load(...args);
-    window.__turbo.loaded.push(args[3] ?? null);
+    window.__turboLoaded.push(args[3] ?? null);
     return result;
-  };
-  const nodes = app.showMissingNodesError.bind(app);
-  app.showMissingNodesError = (missing, ...rest) => {
-    window.__turbo.missingNodes.push(...missing.map(m => typeof m === 'string' ? m : m.type));
-    return nodes(missing, ...rest);
-  };
-  const models = app.showMissingModelsError.bind(app);
-  app.showMissingModelsError = (missing, ...rest) => {
-    window.__turbo.missingModels.push(...missing.map(m => `${m.directory}/${m.name}`));
-    return models(missing, ...rest);
   };
 }, 10);
 """
+# What the frontend shows when something is wrong: dialogs (missing nodes/models, errors in 1.32), alerts,
+# and the status notices newer frontends use for missing nodes and model files.
+NOTICES = """(roles) => Array.from(document.querySelectorAll(roles.map(r => `[role=${r}]`).join(',')))
+  .filter(e => e.getClientRects().length > 0 && e.innerText.trim()).map(e => e.innerText.trim().slice(0, 400))"""
+LOAD_NOTICE_ROLES = ["dialog", "alertdialog", "alert", "status"]
+RUN_NOTICE_ROLES = ["dialog", "alertdialog", "alert"]     # "1 job completed" may be a status
 # Test-only: queue the graph with every Empty Latent Image at a small size (the graph itself keeps 512).
 SHRINK_QUEUED_PROMPT = """
 (size) => {
@@ -154,18 +153,22 @@ class UiPage:
     def evaluate(self, script, arg=None):
         return self.page.evaluate(script, arg)
 
-    def open_dialogs(self) -> list[str]:
-        return self.evaluate("() => Array.from(document.querySelectorAll('.p-dialog'))"
-                             ".filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 400))")
+    def notices(self, roles=tuple(LOAD_NOTICE_ROLES)) -> list[str]:
+        return self.evaluate(NOTICES, list(roles))
 
     def open_template(self, name):
         """Templates dialog -> the pack's category -> the workflow's card, as a user picks it."""
         self.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        dialog = self.page.locator(".p-dialog").filter(has_text="Templates")
+        dialog = self.page.locator("[role=dialog]").filter(has_text="Templates")
         dialog.get_by_text(PACK_DIR_NAME, exact=True).first.click()
         dialog.get_by_text(name, exact=True).first.click()
-        self.page.wait_for_function("(name) => window.__turbo.loaded.includes(name)", arg=name)
+        self.page.wait_for_function("(name) => window.__turboLoaded.includes(name)", arg=name)
         dialog.wait_for(state="detached")
+        self.page.wait_for_load_state("networkidle")    # the frontend's model checks have answered
+
+    def load(self, workflow, name):
+        self.evaluate("async ([wf, name]) => { await app.loadGraphData(wf, true, true, name); }", [workflow, name])
+        self.page.wait_for_load_state("networkidle")
 
     def close(self):
         self.context.close()
@@ -225,17 +228,15 @@ def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
     page, workflow, api = ui_page, load_ui(name), load_api_twin(name)
 
     page.open_template(name)
-    assert page.evaluate("() => window.__turbo.missingNodes") == []
-    assert page.evaluate("() => window.__turbo.missingModels") == []
-    assert page.open_dialogs() == []
-    loaded = page.evaluate("() => app.graph.nodes.map(n => [n.id, n.type, !!n.has_errors]).sort((a, b) => a[0] - b[0])")
-    assert loaded == sorted([node["id"], node["type"], False] for node in workflow["nodes"])
+    assert page.notices() == []
+    loaded = page.evaluate("() => app.graph.nodes.map(n => [String(n.id), n.type, !!n.has_errors])")
+    assert sorted(loaded) == sorted([str(node["id"]), node["type"], False] for node in workflow["nodes"])
     # The frontend's own conversion of the opened graph is the API twin, titles included.
     assert page.evaluate("async () => (await app.graphToPrompt()).output") == api
 
     page.evaluate(SHRINK_QUEUED_PROMPT, TEST_SIZE)
     with page.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as sent:
-        page.page.locator("[data-testid='queue-button'] button").first.click()
+        page.page.get_by_role("button", name="Run", exact=True).first.click()
     queued = sent.value.json()
     assert queued.get("node_errors") in ({}, None), queued
     entry = _wait_for_history(page.host, queued["prompt_id"])
@@ -252,23 +253,30 @@ def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
         arg=[int(save_id), batch])
     widths = page.evaluate(f"() => app.graph.getNodeById({int(save_id)}).imgs.map(i => i.naturalWidth)")
     assert widths == [TEST_SIZE] * batch
-    assert page.open_dialogs() == []
+    assert page.notices(RUN_NOTICE_ROLES) == []
     assert page.problems == []
 
     page.evaluate("() => new Promise(r => { app.graph.setDirtyCanvas(true, true); requestAnimationFrame(() => r()); })")
     _save_screenshot(page.page.screenshot(), name, page.evaluate(GRAPH_BOX))
 
 
-def test_a_missing_node_and_model_are_reported(ui_page):
-    """The checks above can fail: an unknown node type and an absent model file are caught and shown."""
+def _broken(node_type=None, model=None) -> dict:
     workflow = load_ui("turbo_txt2img")
-    loader = next(n for n in workflow["nodes"] if n["type"] == "TurboCheckpointLoader")
-    loader["widgets_values"][0] = "not_downloaded_turbo.safetensors"
-    loader["properties"]["models"] = [{"name": "not_downloaded_turbo.safetensors", "directory": "checkpoints",
-                                       "url": "https://huggingface.co/example/none/resolve/main/not_downloaded_turbo.safetensors"}]
-    next(n for n in workflow["nodes"] if n["type"] == "TurboScheduler")["type"] = "TurboNoSuchNode"
-    ui_page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'broken'); }", workflow)
-    assert ui_page.evaluate("() => window.__turbo.missingNodes") == ["TurboNoSuchNode"]
-    assert ui_page.evaluate("() => window.__turbo.missingModels") == ["checkpoints/not_downloaded_turbo.safetensors"]
-    ui_page.page.wait_for_function("() => document.querySelectorAll('.p-dialog').length > 0")
-    assert any("TurboNoSuchNode" in text for text in ui_page.open_dialogs())
+    if node_type:
+        next(n for n in workflow["nodes"] if n["type"] == "TurboScheduler")["type"] = node_type
+    if model:
+        loader = next(n for n in workflow["nodes"] if n["type"] == "TurboCheckpointLoader")
+        loader["widgets_values"][0] = model
+        loader["properties"]["models"] = [{"name": model, "directory": "checkpoints",
+                                           "url": f"https://huggingface.co/example/none/resolve/main/{model}"}]
+    return workflow
+
+
+@pytest.mark.parametrize("broken", [{"node_type": "TurboNoSuchNode"}, {"model": "not_downloaded_turbo.safetensors"}],
+                         ids=["missing-node", "missing-model"])
+def test_a_missing_node_or_model_file_is_noticed(ui_page, broken):
+    """The checks above can fail: the frontend reports an unknown node type and an absent model file."""
+    ui_page.load(_broken(**broken), "broken")
+    missing = next(iter(broken.values()))
+    ui_page.page.wait_for_function(
+        f"() => ({NOTICES})({json.dumps(LOAD_NOTICE_ROLES)}).some(t => t.includes({json.dumps(missing)}))")
