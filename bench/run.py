@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""Stock ComfyUI vs comfy-turbo, side by side in one process, through ComfyUI's own executor.
+
+    bash bench/run.sh                                   # CPU: tiny checkpoints, 128x128
+    bash bench/run.sh --device cuda --models full       # GPU: full-size SD-Turbo and SDXL-Turbo, 512x512
+
+Five paths (bench/graphs.py): ``stock`` (CheckpointLoaderSimple, CLIPTextEncode, SDTurboScheduler,
+SamplerCustom with KSamplerSelect euler_ancestral at cfg 1, VAEDecode), ``stock-taesd`` (the same,
+decoded by core VAELoader taesd/taesdxl), ``ours`` (our nodes at their defaults), ``ours-fast``
+(Turbo Fast Path: SDPA, channels_last, torch.compile; fp16 weights on CUDA) and
+``ours-fast-taesd``. Each group of paths has its own ``execution.PromptExecutor`` with ComfyUI's
+default (classic) cache, as ``main.py``'s prompt worker creates it, so loaders and the unchanged
+prompt are cached exactly as in a server, and every timed run changes the seed, so the sampler and
+decoder run each time.
+
+Why in-process rather than over HTTP: the executor, its caching and every node are the same code
+a server runs, but the latency of one prompt is then measured without the websocket and HTTP
+round trips and PNG encoding (milliseconds, as large as the GPU targets themselves), the paths can
+alternate run by run in one process, and stage timings and peak memory can be read in place.
+
+Method: ``--warmup`` runs per path and setting (compiles happen here), then ``--runs`` rounds; each
+round runs every path once, in a rotated order, so drift hits all paths alike. Reported: median,
+p10, p90 of the per-prompt latency (``executor.execute``), ratios of medians against stock and the
+median of the per-round paired ratios. Then ``--stage-runs`` instrumented runs per path, with a new
+prompt text each time, time each node (device synchronised at every node boundary) and each UNet
+step (each call of ComfyUI's ``comfy.samplers.sampling_function``: one denoiser evaluation incl.
+conditioning batching), plus toggled repeat prompts (A, B, A, B) for the text encoder. Peak memory
+is measured in separate runs: CUDA ``max_memory_allocated`` above what was allocated before the
+run; on the CPU the peak resident set (sampled every millisecond, after ``malloc_trim``) above the
+resident set before the run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import graphs  # noqa: E402
+import models as bench_models  # noqa: E402
+import report  # noqa: E402
+
+TEXT = "a cinematic photo of a red fox in the snow, golden hour, 35mm"
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+def setup_comfyui(device: str, comfyui_path: str, models_dir: Path):
+    """Import ComfyUI for ``device``, register its built-in nodes, our pack and the bench sink."""
+    sys.path.insert(0, comfyui_path)
+    import utils.extra_config  # noqa: F401  (first, as main.py does: later imports can shadow 'utils')
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = device == "cpu"
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    import comfy.model_management  # noqa: F401  (reads args.cpu)
+    import folder_paths
+    import nodes
+    for folder in ("checkpoints", "loras", "controlnet", "vae_approx"):
+        folder_paths.add_model_folder_path(folder, str(models_dir / folder), is_default=True)
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(str(REPO), ignore=set(nodes.NODE_CLASS_MAPPINGS))):
+        raise SystemExit("comfy-turbo failed to load as a custom node (see the log above)")
+    nodes.NODE_CLASS_MAPPINGS[graphs.SINK] = graphs.ImageSink
+
+
+def device_name(device: str) -> str:
+    import torch
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "nodes", "samplers", "bench"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# -- running prompts ---------------------------------------------------------------------------
+
+class BenchServer:
+    """What PromptExecutor needs of the server; records events (with timestamps) when asked."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.events: list | None = None
+        self.sync = None
+
+    def send_sync(self, event, data, sid=None):
+        if self.events is not None:
+            self.sync()
+            self.events.append((time.perf_counter(), event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class Group:
+    """One executor (own cache, own loaded checkpoint) for the paths that share a graph."""
+
+    def __init__(self, name: str):
+        import execution
+        self.name = name
+        self.server = BenchServer()
+        self.executor = execution.PromptExecutor(
+            self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+
+    def validate(self, prompt: dict) -> None:
+        import execution
+        valid = asyncio.run(execution.validate_prompt(uuid.uuid4().hex, prompt, None))
+        if not valid[0]:
+            raise RuntimeError(f"{self.name} graph is invalid: {json.dumps(valid[1])} {json.dumps(valid[3])[:2000]}")
+
+    def run(self, prompt: dict, output: str) -> float:
+        start = time.perf_counter()
+        self.executor.execute(prompt, uuid.uuid4().hex, {"client_id": "bench"}, [output])
+        elapsed = time.perf_counter() - start
+        if not self.executor.success:
+            errors = [m for m in self.executor.status_messages if m[0] == "execution_error"]
+            raise RuntimeError(f"{self.name}/{output} failed: {errors[-1][1].get('exception_message') if errors else '?'}")
+        return elapsed
+
+
+@contextlib.contextmanager
+def instrumented(group: Group, sync):
+    """Record node start times and the duration of each denoiser call (UNet step), device-synchronised."""
+    import comfy.samplers
+    inner = comfy.samplers.sampling_function
+    steps: list[float] = []
+
+    def timed(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        sync()
+        steps.append(time.perf_counter() - start)
+        return out
+
+    group.server.events, group.server.sync = [], sync
+    comfy.samplers.sampling_function = timed
+    try:
+        yield group.server.events, steps
+    finally:
+        comfy.samplers.sampling_function = inner
+        group.server.events = None
+
+
+def node_times(events: list) -> dict[str, float]:
+    """Seconds per executed node, from one prompt's 'executing' events up to 'execution_success'."""
+    times, current, start = {}, None, None
+    for t, kind, data in events:
+        if kind not in ("executing", "execution_success"):
+            continue
+        if current is not None:
+            times[current] = times.get(current, 0.0) + t - start
+        current, start = (data.get("node") if kind == "executing" else None), t
+    return times
+
+
+class PeakRSS:
+    """Peak resident set of this process while in the block, sampled every millisecond."""
+
+    def __init__(self):
+        self.peak = self.base = 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)   # hand freed heap back, so the next peak is visible
+        self.base = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def measure_memory(device: str, group: Group, prompt: dict, output: str) -> dict:
+    import gc
+    import torch
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        group.run(prompt, output)
+        peak = torch.cuda.max_memory_allocated()
+        return {"kind": "cuda max_memory_allocated", "working_mb": (peak - base) / 2**20, "peak_mb": peak / 2**20}
+    with PeakRSS() as rss:
+        group.run(prompt, output)
+    return {"kind": "cpu resident set", "working_mb": (rss.peak - rss.base) / 2**20, "peak_mb": rss.peak / 2**20}
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+def summary_ms(seconds: list[float]) -> dict:
+    ms = sorted(s * 1000 for s in seconds)
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+    return {"median": statistics.median(ms), "p10": q[0], "p90": q[-1], "min": ms[0], "n": len(ms)}
+
+
+def median_ms(values: list[float]) -> float | None:
+    return statistics.median(values) * 1000 if values else None
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+def bench_model(args, family: str, ckpt: str, sync, log) -> dict:
+    taesd = bench_models.TAESD_NAMES[family]
+    paths = [p for p in graphs.PATHS if p in args.paths]
+    groups = {name: Group(name) for name in dict.fromkeys(graphs.GROUP_OF[p] for p in paths)}
+    fast = fast_options(args)
+    seed = [0]
+    text = [TEXT]
+
+    def prompt_for(path, steps, batch):
+        seed[0] += 1
+        return graphs.group_graph(graphs.GROUP_OF[path], ckpt=ckpt, taesd=taesd, steps=steps, batch=batch,
+                                  size=args.size, seed=seed[0], text=text[0], fast=fast)
+
+    def run(path, steps, batch):
+        return groups[graphs.GROUP_OF[path]].run(prompt_for(path, steps, batch), graphs.OUTPUT_OF[path])
+
+    for name, group in groups.items():
+        group.validate(graphs.group_graph(name, ckpt=ckpt, taesd=taesd, steps=1, batch=1, size=args.size, seed=0,
+                                          text=TEXT, fast=fast))
+    rows = []
+    for steps in args.steps:
+        for batch in args.batch:
+            log(f"[{family}] {steps} step(s), batch {batch}: warm-up")
+            for _ in range(args.warmup):
+                for path in paths:
+                    run(path, steps, batch)
+            latencies = {p: [] for p in paths}
+            for r in range(args.runs):
+                order = paths[r % len(paths):] + paths[:r % len(paths)]
+                for path in order:
+                    latencies[path].append(run(path, steps, batch))
+            log(f"[{family}] {steps} step(s), batch {batch}: " + ", ".join(
+                f"{p} {statistics.median(v) * 1000:.1f} ms" for p, v in latencies.items()))
+
+            stages = {p: {"steps": [], "sampler": [], "decode": []} for p in paths}
+            encode = {g: {"new": [], "repeat": []} for g in groups}
+            texts = [f"{TEXT}, variation {seed[0]}-{i}" for i in range(args.stage_runs)]
+            first_setting = steps == args.steps[0] and batch == args.batch[0]
+            toggles = texts[-2:] * 2 if first_setting and len(texts) >= 2 else []   # A, B, A, B: repeats
+            for i, new_text in enumerate(texts + toggles):
+                text[0] = new_text
+                for path in paths:
+                    group = groups[graphs.GROUP_OF[path]]
+                    with instrumented(group, sync) as (events, unet_steps):
+                        run(path, steps, batch)
+                    times = node_times(events)
+                    if graphs.ENCODE_NODE in times:          # the group's first path; the next ones reuse it
+                        encode[group.name]["new" if i < len(texts) else "repeat"].append(times[graphs.ENCODE_NODE])
+                    if i < len(texts):
+                        stages[path]["steps"].append(unet_steps)
+                        stages[path]["sampler"].append(times[graphs.SAMPLER_NODE])
+                        stages[path]["decode"].append(times[graphs.DECODE_NODE_OF[path]])
+            text[0] = TEXT
+            for path in paths:                               # the usual prompt back in every cache
+                run(path, steps, batch)
+            memory = {path: measure_memory(args.device, groups[graphs.GROUP_OF[path]], prompt_for(path, steps, batch),
+                                           graphs.OUTPUT_OF[path]) for path in paths}
+
+            stock = latencies.get("stock")
+            for path in paths:
+                st = stages[path]
+                per_step = [median_ms([s[k] for s in st["steps"] if len(s) > k]) for k in range(steps)]
+                row = {
+                    "steps": steps, "batch": batch, "path": path,
+                    "latency_ms": summary_ms(latencies[path]),
+                    "stages_ms": {
+                        "text_encode_new": median_ms(encode[graphs.GROUP_OF[path]]["new"]),
+                        "text_encode_repeat": median_ms(encode[graphs.GROUP_OF[path]]["repeat"]),
+                        "unet_steps": per_step,
+                        "sampler_node": median_ms(st["sampler"]),
+                        "sampler_overhead": median_ms([n - sum(s) for n, s in zip(st["sampler"], st["steps"])]),
+                        "decode": median_ms(st["decode"]),
+                        "decoder": "taesd" if path.endswith("taesd") else "vae",
+                    },
+                    "memory": memory[path],
+                }
+                if stock:
+                    row["ratio_vs_stock"] = statistics.median(latencies[path]) / statistics.median(stock)
+                    row["paired_ratio_vs_stock"] = statistics.median(a / b for a, b in zip(latencies[path], stock))
+                if path == "ours-fast-taesd" and "stock-taesd" in latencies:
+                    row["ratio_vs_stock_taesd"] = statistics.median(latencies[path]) / statistics.median(latencies["stock-taesd"])
+                rows.append(row)
+    import gc
+    import comfy.model_management
+    groups.clear()
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+    return {"rows": rows}
+
+
+def merge_entry(old: dict | None, entry: dict, rows: list[dict], run_info: dict) -> dict:
+    """Add this run's settings to a model's results, replacing the same settings of earlier runs.
+
+    Every (steps, batch) setting comes whole from one run, so its ratios are always side by side;
+    a different checkpoint, size or fast path configuration starts the model's results afresh.
+    """
+    same = old is not None and all(old.get(k) == entry[k] for k in ("checkpoint", "model_set", "size", "fast_options"))
+    measured = {tuple(s) for s in run_info["settings"]}
+    runs = [r for r in old["runs"] if {tuple(s) for s in r["settings"]} - measured] if same else []
+    for r in runs:
+        r["settings"] = [s for s in r["settings"] if tuple(s) not in measured]
+    kept = [r for r in old["rows"] if (r["steps"], r["batch"]) not in measured] if same else []
+    merged = sorted(kept + rows, key=lambda r: (r["steps"], r["batch"], report.PATHS.index(r["path"])))
+    return {**entry, "runs": runs + [run_info], "rows": merged}
+
+
+def fast_options(args) -> dict:
+    return {
+        "weight_dtype": "fp16" if args.device == "cuda" else "default",
+        "model": {"attention": "sdpa", "sdpa_backend": "auto", "channels_last": True, "compile": args.compile},
+        "vae": {"precision": "auto", "compile": args.compile != "off" and args.compile_vae},
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", choices=sorted(bench_models.MODEL_SETS),
+                        help="checkpoints: 'tiny' test fixtures (CPU default) or 'full' full-size (CUDA default)")
+    parser.add_argument("--only", nargs="+", choices=sorted(bench_models.TAESD_NAMES),
+                        default=sorted(bench_models.TAESD_NAMES), help="model families (default: both)")
+    parser.add_argument("--size", type=int, help="square image size (default: 512 on CUDA, 128 on the CPU)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--runs", type=int, default=20, help="timed rounds per setting (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per path and setting (default 3)")
+    parser.add_argument("--stage-runs", type=int, default=5, help="instrumented runs per path and setting")
+    parser.add_argument("--paths", nargs="+", choices=graphs.PATHS, default=list(graphs.PATHS))
+    parser.add_argument("--compile", choices=["off", "inductor", "inductor-max-autotune"], default="inductor",
+                        help="Turbo Fast Path's compile option on the ours-fast paths (default inductor)")
+    parser.add_argument("--no-compile-vae", dest="compile_vae", action="store_false",
+                        help="do not compile the decoders on the ours-fast paths")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--name", help="results file name (default: <device>-<device model>)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    args.models = args.models or ("full" if args.device == "cuda" else "tiny")
+    args.size = args.size or (512 if args.device == "cuda" else 128)
+    if args.runs < 2 or args.size % 64:
+        parser.error("--runs must be at least 2 and --size a multiple of 64")
+
+    comfyui = os.environ.get("COMFYUI_PATH")
+    if not comfyui:
+        parser.error("COMFYUI_PATH is not set: run bench/run.sh, or point it at a ComfyUI checkout")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.monotonic()
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[{time.monotonic() - t0:6.0f} s] {msg}", flush=True))
+
+    models_dir = bench_models.ensure(args.models, args.only, comfyui)
+    setup_comfyui(args.device, comfyui, models_dir)
+    import torch
+    import comfyui_version
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    name = device_name(args.device)
+    out_name = args.name or f"{args.device}-{slug(name)}"
+    log(f"device: {name} ({args.device}); ComfyUI {comfyui_version.__version__}; torch {torch.__version__}; "
+        f"{args.models} checkpoints at {args.size}x{args.size}")
+
+    results_path = args.out / f"{out_name}.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.update({"schema": 1, "device": args.device, "device_name": name, "name": out_name})
+    results.setdefault("models", {})
+    for family in args.only:
+        ckpt = bench_models.MODEL_SETS[args.models][family]
+        load_start = os.getloadavg()
+        started = time.monotonic()
+        rows = bench_model(args, family, ckpt, sync, log)["rows"]
+        run_info = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "torch": torch.__version__, "comfyui": comfyui_version.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "seconds": round(time.monotonic() - started, 1),
+            "runs": args.runs, "warmup": args.warmup, "stage_runs": args.stage_runs,
+            "settings": sorted({(r["steps"], r["batch"]) for r in rows}),
+            "command": "bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        entry = {"checkpoint": ckpt, "model_set": args.models, "size": args.size, "fast_options": fast_options(args),
+                 "unet_parameters": bench_models.unet_parameters(models_dir / "checkpoints" / ckpt)}
+        results["models"][family] = merge_entry(results["models"].get(family), entry, rows, run_info)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+    paths = report.write_all(results_path)
+    log("wrote " + ", ".join(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The benchmark command itself: a short real run, its report, and the full-size model configs.
+
+Only structure and sanity are checked here, never speed (timings live in bench/results/).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def test_bench_runs_both_paths_through_the_executor(tmp_path, model_files):
+    env = dict(os.environ)
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--only", "sd-turbo", "--size", "64", "--steps", "2",
+           "--batch", "1", "--runs", "2", "--warmup", "1", "--stage-runs", "1", "--paths", "stock", "ours",
+           "stock-taesd", "--out", str(tmp_path), "--name", "smoke", "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke.json").read_text())
+    assert results["device"] == "cpu" and results["device_name"]
+    entry = results["models"]["sd-turbo"]
+    assert entry["checkpoint"] == "sd-turbo-tiny.safetensors" and entry["size"] == 64
+    rows = {r["path"]: r for r in entry["rows"]}
+    assert set(rows) == {"stock", "ours", "stock-taesd"}
+    for path, row in rows.items():
+        assert row["latency_ms"]["n"] == 2 and row["latency_ms"]["median"] > 0
+        stages = row["stages_ms"]
+        assert len(stages["unet_steps"]) == 2 and all(s > 0 for s in stages["unet_steps"])   # one per step
+        assert stages["decode"] > 0 and stages["text_encode_new"] > 0
+        assert stages["decoder"] == ("taesd" if path == "stock-taesd" else "vae")
+        assert row["memory"]["kind"] == "cpu resident set"
+    assert rows["ours"]["ratio_vs_stock"] > 0 and "paired_ratio_vs_stock" in rows["ours"]
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| steps | batch | stock ComfyUI | stock + TAESD | ours (default) |" in md and "pending a GPU run" in md
+    assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name,family", [("sd-turbo-full", "SD20"), ("sdxl-turbo-full", "SDXL")])
+def test_full_size_configs_match_the_released_models(comfy, name, family):
+    """The GPU benchmark's random-weight UNets have the real models' parameter counts and are detected as such."""
+    import torch
+    import comfy.model_detection
+    import comfy.supported_models
+    import models as bench_models
+    config = getattr(comfy.supported_models, family)(bench_models.FULL_UNET_CONFIGS[name])
+    unet = config.get_model({}, device=torch.device("meta")).diffusion_model
+    assert sum(p.numel() for p in unet.parameters()) == bench_models.FULL_UNET_PARAMS[name]
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    assert type(detected).__name__ == family
