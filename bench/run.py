@@ -384,6 +384,7 @@ def main(argv=None) -> int:
                         help="do not compile the decoders on the ours-fast paths")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", help="results file name (default: <device>-<device model>)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     args.models = args.models or ("full" if args.device == "cuda" else "tiny")
@@ -402,6 +403,8 @@ def main(argv=None) -> int:
     setup_comfyui(args.device, comfyui, models_dir)
     import torch
     import comfyui_version
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     name = device_name(args.device)
     out_name = args.name or f"{args.device}-{slug(name)}"

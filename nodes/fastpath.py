@@ -18,7 +18,9 @@ weight patches, ControlNet residuals, model management and Cancel keep working:
   ``BaseModel.apply_model`` with ComfyUI's own ``apply_torch_compile_factory`` wrapper (the one core
   ``TorchCompileModel`` uses), one compiled module per UNet and mode, reused by every clone. The
   weights are inputs of the compiled graph (``torch._dynamo.config.inline_inbuilt_nn_modules``), so a
-  LoRA patch takes effect without recompiling; a new shape or a ControlNet recompiles once.
+  LoRA patch takes effect without recompiling; a new shape or a ControlNet recompiles once. The
+  UNet's weights are set to ``requires_grad=False``, as ComfyUI's patched weights already are, so that
+  patched and unpatched weights look alike to dynamo's guards.
 
 CUDA graph capture (``mode="reduce-overhead"``) is deliberately not offered: ComfyUI replaces weight
 tensors when it patches a LoRA, which a captured graph would not see. It is left for a GPU session.
@@ -91,6 +93,9 @@ def compiled_unet(diffusion_model: torch.nn.Module, mode: str):
     """One ``torch.compile`` of this UNet per mode, kept on the module so every clone reuses it."""
     memo = diffusion_model.__dict__.setdefault("_comfy_turbo_compiled", {})
     if mode not in memo:
+        # ComfyUI's LoRA-patched weights are Parameters with requires_grad=False (comfy.utils.set_attr_param),
+        # loaded ones have True; dynamo guards on it, so every LoRA would recompile. Inference never needs grads.
+        diffusion_model.requires_grad_(False)
         memo[mode] = torch.compile(diffusion_model, backend="inductor", mode=mode, dynamic=False)
     return memo[mode]
 

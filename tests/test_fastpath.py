@@ -17,6 +17,15 @@ from workflow_utils import SD_TURBO, SDXL_TURBO
 LATENT = 8          # 64x64 images: enough for every UNet level, quick to compile
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny models gain little from two, and lose a lot when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pack(comfy):
     import comfy_turbo.nodes as nodes_pkg
@@ -264,6 +273,7 @@ def test_compiled_fast_path_follows_lora_and_controlnet(pack, conds, model_files
     assert pack.fastpath.compiled_unet(ckpt.model.model.diffusion_model, "default") is \
         pack.fastpath.compiled_unet(ckpt.model.model.diffusion_model, "default")   # one compile per UNet
 
+    graphs_compiled = counters["stats"]["unique_graphs"]
     results = {}
     for strength in (1.0, 0.5):                                        # LoRA patched after the fast path
         lora_model, _ = lora_for(model_files, SD_TURBO, compiled, ckpt.clip, strength)
@@ -272,6 +282,7 @@ def test_compiled_fast_path_follows_lora_and_controlnet(pack, conds, model_files
         close(results[strength], sample(pack, plain_lora, cond))
     assert rel_change(results[1.0], plain) > 0.05 and rel_change(results[1.0], results[0.5]) > 0.02
     close(sample(pack, compiled, cond), plain)                         # LoRA unpatched again
+    assert counters["stats"]["unique_graphs"] == graphs_compiled        # LoRA weights are graph inputs
 
     controlled = with_control(model_files, SD_TURBO, cond)
     plain_control = sample(pack, ckpt.model, controlled)

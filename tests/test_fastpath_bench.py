@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 def test_bench_runs_both_paths_through_the_executor(tmp_path, model_files):
     env = dict(os.environ)
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--only", "sd-turbo", "--size", "64", "--steps", "2",
-           "--batch", "1", "--runs", "2", "--warmup", "1", "--stage-runs", "1", "--paths", "stock", "ours",
+           "--batch", "1", "--runs", "2", "--warmup", "1", "--stage-runs", "1", "--threads", "1", "--paths", "stock", "ours",
            "stock-taesd", "--out", str(tmp_path), "--name", "smoke", "--quiet"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
