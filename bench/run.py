@@ -99,8 +99,8 @@ def git_commit() -> str:
     try:
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "nodes", "samplers", "bench"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "nodes", "samplers", "bench",
+                                ":!bench/results"], capture_output=True, text=True).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     if not comfyui:
         parser.error("COMFYUI_PATH is not set: run bench/run.sh, or point it at a ComfyUI checkout")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    t0 = time.monotonic()
+    t0, commit = time.monotonic(), git_commit()
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[{time.monotonic() - t0:6.0f} s] {msg}", flush=True))
 
     models_dir = bench_models.ensure(args.models, args.only, comfyui)
@@ -422,7 +422,7 @@ def main(argv=None) -> int:
         rows = bench_model(args, family, ckpt, sync, log)["rows"]
         run_info = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "torch": torch.__version__, "comfyui": comfyui_version.__version__,
+            "commit": commit, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "load_average_start": [round(x, 2) for x in load_start],
             "load_average_end": [round(x, 2) for x in os.getloadavg()],

@@ -30,6 +30,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import comfy.ldm.modules.attention
 import comfy.patcher_extension
@@ -51,10 +52,8 @@ def sdpa_attention(func, *args, **kwargs):
     return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
 
 
-def _sdpa_backend(name: str):
-    from torch.nn.attention import SDPBackend
-    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 def make_channels_last(module: torch.nn.Module) -> int:
@@ -77,14 +76,14 @@ def make_channels_last(module: torch.nn.Module) -> int:
 
 def _fastpath_wrapper(channels_last: bool, sdpa_backend: str):
     """An APPLY_MODEL wrapper (comfy/patcher_extension.py) for the per-call parts of the fast path."""
-    backends = None if sdpa_backend == "auto" else [_sdpa_backend(sdpa_backend), _sdpa_backend("math")]
+    backends = None if sdpa_backend == "auto" else [SDPA_KERNELS[sdpa_backend], SDPBackend.MATH]
 
     def wrapper(executor, *args, **kwargs):
         if channels_last:
             make_channels_last(executor.class_obj.diffusion_model)
         if backends is None:
             return executor(*args, **kwargs)
-        with torch.nn.attention.sdpa_kernel(backends):
+        with sdpa_kernel(backends):
             return executor(*args, **kwargs)
     return wrapper
 
@@ -102,7 +101,11 @@ def compiled_unet(diffusion_model: torch.nn.Module, mode: str):
 
 def apply_fast_path(model, attention: str = "sdpa", sdpa_backend: str = "auto", channels_last: bool = True,
                     compile: str = "off"):
-    """A clone of ``model`` (a ModelPatcher) with the fast path attached; ``model`` is unchanged."""
+    """A clone of ``model`` (a ModelPatcher) with the fast path attached.
+
+    ``model`` itself keeps its options; the UNet weights it shares with the clone may change layout
+    (channels_last) and lose ``requires_grad`` (compile), never value.
+    """
     for value, allowed, what in ((attention, ATTENTION, "attention"), (sdpa_backend, SDPA_BACKENDS, "sdpa_backend"),
                                  (compile, tuple(COMPILE_MODES), "compile")):
         if value not in allowed:
