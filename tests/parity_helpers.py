@@ -33,7 +33,6 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_DEFAULT_COMFYUI = Path("/root/.cache/comfy-turbo/env-7411c948e750/comfyui")
 
 
 def comfyui_path() -> Path:
@@ -44,7 +43,7 @@ def comfyui_path() -> Path:
     beside_python = Path(sys.prefix) / "comfyui"
     if (beside_python / "comfy").is_dir():
         return beside_python
-    return _DEFAULT_COMFYUI
+    raise RuntimeError("COMFYUI_PATH is not set: run the tests with `bash scripts/test.sh`.")
 
 
 def fixtures_dir() -> Path:
