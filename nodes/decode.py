@@ -28,6 +28,7 @@ import nodes
 from comfy_api.latest import io
 
 from .errors import TurboError
+from .fastpath import inductor_options
 
 DECODERS = ("vae", "taesd", "taesdxl")
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -66,7 +67,8 @@ def derived_vae(base, dtype: torch.dtype, compile: bool = False):
             for module in model.modules():
                 if isinstance(module, vae_model.AttnBlock):
                     module.optimized_attention = vae_model.pytorch_attention
-            model.decode = torch.compile(model.decode, backend="inductor", dynamic=False)
+            model.decode = torch.compile(model.decode, backend="inductor", dynamic=False,
+                                         options=inductor_options("default", vae.device))
         variants[key] = vae
     return variants[key]
 
