@@ -153,6 +153,7 @@ def markdown(results: dict, chart_name: str) -> str:
             "unchanged prompt is cached by ComfyUI in every path.", "", f"![chart]({chart_name})", ""]
     for family, entry in results["models"].items():
         out += [f"## {model_heading(family, entry)}", ""] + measured_lines(entry) + [""]
+        out += [f"- Note: {n}" for n in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
         out += latency_table(entry) + [""]
         out += ["Stages (medians of the instrumented runs; device synchronised at every boundary):", ""]
         out += stage_table(entry) + [""]
@@ -225,8 +226,15 @@ def readme_section() -> str:
                 f"so that it runs in minutes; full results, stages and memory in [`{rel.with_suffix('.md')}`]"
                 f"({rel.with_suffix('.md')}).", "", f"![CPU benchmark]({rel.with_suffix('.png')})", ""]
         for family, entry in results["models"].items():
-            out += [f"**{model_heading(family, entry)}** — ms per prompt, ratio to stock", ""]
+            runs = entry["runs"]
+            threads = sorted({r["threads"] for r in runs})
+            loads = [x for r in runs for x in (r["load_average_start"][0], r["load_average_end"][0])]
+            out += [f"**{model_heading(family, entry)}** — ms per prompt, ratio to stock "
+                    f"({'/'.join(map(str, threads))} torch thread{'s' if threads != [1] else ''}; 1-minute load "
+                    f"average {min(loads):g}–{max(loads):g} from start to end, the benchmark's own threads "
+                    f"included)", ""]
             out += latency_table(entry) + [""]
+            out += [f"- Note: {n}" for n in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
         out += ["Stages at 1 step, batch 1 (ms):", ""]
         for family, entry in results["models"].items():
             out += [f"*{family}*", ""] + stage_table(entry, only_first=True) + [""]

@@ -55,3 +55,39 @@ def test_full_size_configs_match_the_released_models(comfy, name, family):
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     assert type(detected).__name__ == family
+
+
+def test_committed_results_cover_the_issue_settings_and_the_readme_shows_them():
+    """bench/results/ holds whole runs (both models, 1 and 4 steps, batch 1 and 4, every path, 20+ rounds),
+    and the README's Performance section is exactly what bench/report.py renders from them."""
+    import report
+    files = sorted((REPO / "bench" / "results").glob("*.json"))
+    assert any(f.name.startswith("cpu-") for f in files), "no CPU results committed under bench/results/"
+    for f in files:
+        results = json.loads(f.read_text())
+        assert f.stem == results["name"] and results["device_name"]
+        assert set(results["models"]) == {"sd-turbo", "sdxl-turbo"}, f.name
+        for family, entry in results["models"].items():
+            cells = {(r["steps"], r["batch"], r["path"]) for r in entry["rows"]}
+            assert cells == {(s, b, p) for s in (1, 4) for b in (1, 4) for p in report.PATHS}, (f.name, family)
+            assert all(r["latency_ms"]["n"] >= 20 for r in entry["rows"]), (f.name, family)
+            for suffix in (".md", ".png"):
+                assert f.with_suffix(suffix).exists(), f"{f.with_suffix(suffix).name} missing: run bench/report.py"
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(report.README_START) + len(report.README_START):readme.index(report.README_END)]
+    assert section.strip() == report.readme_section().strip(), \
+        "README Performance section is stale: run `python bench/report.py --readme README.md`"
+
+
+def test_rerunning_one_setting_replaces_only_that_setting_and_keeps_notes():
+    import run as bench_run
+    entry = {"checkpoint": "c", "model_set": "tiny", "size": 128, "fast_options": {}}
+    def rows(settings, tag):
+        return [{"steps": s, "batch": b, "path": "stock", "tag": tag} for s, b in settings]
+    first = bench_run.merge_entry(None, entry, rows([(1, 1), (4, 1)], "a"), {"settings": [(1, 1), (4, 1)]})
+    first["notes"] = ["remark"]
+    second = bench_run.merge_entry(first, entry, rows([(4, 1)], "b"), {"settings": [(4, 1)]})
+    assert [(r["steps"], r["tag"]) for r in second["rows"]] == [(1, "a"), (4, "b")]
+    assert [r["settings"] for r in second["runs"]] == [[(1, 1)], [(4, 1)]] and second["notes"] == ["remark"]
+    other = bench_run.merge_entry(first, {**entry, "size": 256}, rows([(4, 1)], "c"), {"settings": [(4, 1)]})
+    assert [r["tag"] for r in other["rows"]] == ["c"] and "notes" not in other   # another size starts afresh
