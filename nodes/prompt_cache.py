@@ -7,21 +7,27 @@ prompts (A, B, A, ...) re-runs the text encoders every time. This node remembers
 * the ``cond_stage_model`` object (held weakly, so a reloaded checkpoint never matches),
 * its patcher's ``patches_uuid``: ComfyUI gives a patcher a new uuid whenever patches (a LoRA)
   are added, and clones with the same patches share it (comfy/model_patcher.py),
-* ``layer_idx`` (CLIP Set Last Layer) and the tokenizer options,
+* ``layer_idx`` (CLIP Set Last Layer), the tokenizer options and plain-valued object patches
+  (ComfyUI 0.33 sets ``manual_cast_dtype`` on every CLIP),
 * the text.
 
-CLIPs carrying hooks or object patches are encoded every time, never cached.
+CLIPs carrying hooks or other object patches are encoded every time, never cached.
 """
 from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
 
+import torch
+
 from comfy_api.latest import io
 
 from .errors import TurboError
 
 CACHE_SIZE = 32
+# Object patches with such values are part of the key (ComfyUI 0.33 sets ``manual_cast_dtype`` on
+# every CLIP); any other object patch (a replaced module or function) makes the CLIP uncacheable.
+_PLAIN_VALUES = (torch.dtype, str, int, float, bool, type(None))
 _cache: "OrderedDict[tuple, tuple[weakref.ref, list]]" = OrderedDict()
 stats = {"hits": 0, "misses": 0, "uncacheable": 0}
 
@@ -31,10 +37,12 @@ def cache_key(clip, text: str) -> tuple | None:
     patcher = clip.patcher
     if getattr(patcher, "forced_hooks", None) is not None or getattr(clip, "use_clip_schedule", False):
         return None
-    if getattr(patcher, "object_patches", None):
+    object_patches = getattr(patcher, "object_patches", None) or {}
+    if not all(isinstance(v, _PLAIN_VALUES) for v in object_patches.values()):
         return None
+    objects = tuple(sorted((k, repr(v)) for k, v in object_patches.items()))
     options = tuple(sorted((k, repr(v)) for k, v in getattr(clip, "tokenizer_options", {}).items()))
-    return (id(clip.cond_stage_model), str(patcher.patches_uuid), clip.layer_idx, options, text)
+    return (id(clip.cond_stage_model), str(patcher.patches_uuid), clip.layer_idx, objects, options, text)
 
 
 def _copy(conditioning: list) -> list:

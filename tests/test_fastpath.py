@@ -152,6 +152,23 @@ def test_text_encode_memo_follows_lora_and_clip_skip(pack, loaded, model_files):
     assert rel_change(with_lora[0][0], with_half[0][0]) > 1e-4
 
 
+def test_text_encode_memo_keys_plain_object_patches_and_skips_others(pack, loaded):
+    """ComfyUI 0.33 sets a ``manual_cast_dtype`` object patch on every CLIP: such plain values are part of
+    the key, so the memo still works there (the toggle test above hits on 0.33 too); an object patch that
+    replaces code makes the CLIP uncacheable."""
+    key = pack.prompt_cache.cache_key
+    clip = loaded[SD_TURBO].clip
+    cast = clip.clone()
+    cast.patcher.add_object_patch("manual_cast_dtype", torch.float32)
+    assert key(cast, "a boat") is not None and key(cast.clone(), "a boat") == key(cast, "a boat")
+    other = clip.clone()
+    other.patcher.add_object_patch("manual_cast_dtype", torch.bfloat16)
+    assert key(other, "a boat") != key(cast, "a boat")
+    replaced = clip.clone()
+    replaced.patcher.add_object_patch("encode_token_weights", lambda *a, **k: None)
+    assert key(replaced, "a boat") is None
+
+
 # -- Turbo VAE Decode --------------------------------------------------------------------------
 
 def test_decode_defaults_equal_core_vae_decode_and_taesd(comfy, pack, loaded):
