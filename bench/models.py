@@ -24,7 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "fixtures"))
+sys.path.insert(0, str(REPO / "scripts"))
 import make_models  # noqa: E402
+from comfy_host import cache_dir  # noqa: E402
 
 FULL_UNET_CONFIGS = {
     "sd-turbo-full": dict(make_models._UNET_COMMON, adm_in_channels=None, context_dim=1024,
@@ -44,10 +46,6 @@ MODEL_SETS = {
     "full": {"sd-turbo": "sd-turbo-full.safetensors", "sdxl-turbo": "sdxl-turbo-full.safetensors"},
 }
 TAESD_NAMES = {"sd-turbo": "taesd", "sdxl-turbo": "taesdxl"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMFY_TURBO_CACHE", Path.home() / ".cache" / "comfy-turbo"))
 
 
 def _register_full_models() -> None:
@@ -77,19 +75,11 @@ def ensure(model_set: str, families: list[str], comfyui_path: str) -> Path:
 
 
 def unet_parameters(path: Path) -> int:
-    """UNet parameters in a single-file checkpoint, read from the safetensors header only."""
-    import json
-    import struct
-    with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    total = 0
-    for key, info in header.items():
-        if key.startswith("model.diffusion_model."):
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            total += n
-    return total
+    """UNet parameters in a single-file checkpoint, from the safetensors header only (no tensor is read)."""
+    import math
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.diffusion_model."))
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,13 @@ def default_comfyui_path() -> Path:
     return Path(path)
 
 
+def cache_dir() -> Path:
+    """comfy-turbo's cache (environments, generated models), resolved as scripts/env.sh resolves it."""
+    if os.environ.get("COMFY_TURBO_CACHE"):
+        return Path(os.environ["COMFY_TURBO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfy-turbo"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

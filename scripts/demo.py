@@ -11,13 +11,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_host import REPO_ROOT, ComfyHost  # noqa: E402
+from comfy_host import REPO_ROOT, ComfyHost, cache_dir  # noqa: E402
 
 STAND_INS = {"sdxl": "sdxl-turbo-tiny.safetensors", "sd": "sd-turbo-tiny.safetensors"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMFY_TURBO_CACHE", Path.home() / ".cache" / "comfy-turbo"))
 
 
 def main() -> int:

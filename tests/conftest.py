@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+from comfy_host import cache_dir  # noqa: E402
 
 
 def _register_pack() -> None:
@@ -32,10 +33,6 @@ def comfyui_path() -> Path:
     if not path:
         pytest.exit("COMFYUI_PATH is not set: run the tests with `bash scripts/test.sh`.", returncode=2)
     return Path(path)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMFY_TURBO_CACHE", Path.home() / ".cache" / "comfy-turbo"))
 
 
 @pytest.fixture(scope="session")
