@@ -14,13 +14,6 @@ DECODE_NODE_OF = {"stock": "decode", "stock-taesd": "decode_taesd", "ours": "dec
                   "ours-fast-taesd": "decode_taesd"}
 ENCODE_NODE = "positive"
 SAMPLER_NODE = "sample"
-LABELS = {
-    "stock": "stock ComfyUI",
-    "stock-taesd": "stock + TAESD",
-    "ours": "ours (default)",
-    "ours-fast": "ours fast path",
-    "ours-fast-taesd": "ours fast + TAESD",
-}
 
 
 class ImageSink:

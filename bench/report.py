@@ -10,11 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
+from graphs import PATHS
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
 
-PATHS = ("stock", "stock-taesd", "ours", "ours-fast", "ours-fast-taesd")
 LABELS = {"stock": "stock ComfyUI", "stock-taesd": "stock + TAESD", "ours": "ours (default)",
           "ours-fast": "ours fast path", "ours-fast-taesd": "ours fast + TAESD"}
 COLORS = {"stock": "#8c8c8c", "stock-taesd": "#c7c7c7", "ours": "#1f77b4", "ours-fast": "#ff7f0e",
@@ -143,6 +144,11 @@ def measured_lines(entry: dict) -> list[str]:
     return out
 
 
+def note_lines(entry: dict) -> list[str]:
+    notes = entry.get("notes", [])
+    return [f"- Note: {n}" for n in notes] + ([""] if notes else [])
+
+
 def markdown(results: dict, chart_name: str) -> str:
     out = [f"# comfy-turbo benchmark: {results['device_name']} ({results['device']})", ""]
     if results["device"] == "cpu":
@@ -153,7 +159,7 @@ def markdown(results: dict, chart_name: str) -> str:
             "unchanged prompt is cached by ComfyUI in every path.", "", f"![chart]({chart_name})", ""]
     for family, entry in results["models"].items():
         out += [f"## {model_heading(family, entry)}", ""] + measured_lines(entry) + [""]
-        out += [f"- Note: {n}" for n in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
+        out += note_lines(entry)
         out += latency_table(entry) + [""]
         out += ["Stages (medians of the instrumented runs; device synchronised at every boundary):", ""]
         out += stage_table(entry) + [""]
@@ -234,7 +240,7 @@ def readme_section() -> str:
                     f"average {min(loads):g}–{max(loads):g} from start to end, the benchmark's own threads "
                     f"included)", ""]
             out += latency_table(entry) + [""]
-            out += [f"- Note: {n}" for n in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
+            out += note_lines(entry)
         out += ["Stages at 1 step, batch 1 (ms):", ""]
         for family, entry in results["models"].items():
             out += [f"*{family}*", ""] + stage_table(entry, only_first=True) + [""]

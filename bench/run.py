@@ -352,7 +352,7 @@ def merge_entry(old: dict | None, entry: dict, rows: list[dict], run_info: dict)
     for r in runs:
         r["settings"] = [s for s in r["settings"] if tuple(s) not in measured]
     kept = [r for r in old["rows"] if (r["steps"], r["batch"]) not in measured] if same else []
-    merged = sorted(kept + rows, key=lambda r: (r["steps"], r["batch"], report.PATHS.index(r["path"])))
+    merged = sorted(kept + rows, key=lambda r: (r["steps"], r["batch"], graphs.PATHS.index(r["path"])))
     notes = old.get("notes", []) if same else []   # hand-written remarks on earlier runs (report.py shows them)
     return {**entry, "runs": runs + [run_info], "rows": merged, **({"notes": notes} if notes else {})}
 
