@@ -1,10 +1,11 @@
 """ComfyUI V3 nodes of comfy-turbo."""
 from .decode import TurboVAEDecode
 from .fastpath import TurboFastPath
+from .live import TurboLiveInput, TurboLiveOutput
 from .loader import TurboCheckpointLoader
 from .prompt_cache import TurboTextEncode
 from .sampler import TurboEulerSampler, TurboSampler
 from .scheduler import TurboScheduler
 
 NODE_LIST = [TurboCheckpointLoader, TurboScheduler, TurboEulerSampler, TurboSampler,
-             TurboTextEncode, TurboFastPath, TurboVAEDecode]
+             TurboTextEncode, TurboFastPath, TurboVAEDecode, TurboLiveInput, TurboLiveOutput]

@@ -7,7 +7,7 @@ from workflow_utils import (SD15, SD_TURBO, SDXL_TURBO, TURBO_CHECKPOINTS, load_
                             write_input_image)
 
 OUR_NODES = ["TurboCheckpointLoader", "TurboScheduler", "TurboEulerSampler", "TurboSampler",
-             "TurboTextEncode", "TurboFastPath", "TurboVAEDecode"]
+             "TurboTextEncode", "TurboFastPath", "TurboVAEDecode", "TurboLiveInput", "TurboLiveOutput"]
 
 
 def test_pack_loads_without_import_error(host):

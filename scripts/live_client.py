@@ -1,0 +1,296 @@
+"""A Turbo Live client without a browser: the protocol of the README's Live section, in Python.
+
+It does what the web UI's Turbo Live panel does (web/turbo_live.js), and the tests and the live
+benchmark drive the server with it:
+
+* ComfyUI's own websocket ``/ws?clientId=C`` carries the status and the output frames (binary
+  message type 4: metadata JSON + JPEG/WebP bytes);
+* the pack's websocket ``/comfy-turbo/live/<session>/ws?clientId=C`` carries the input frames
+  (``>I header length | header JSON | image bytes``) and answers each with a JSON acknowledgement;
+* prompts go to ComfyUI's ``POST /prompt``, never more than one at a time on the server: an input
+  that arrives while one runs waits in the client, and only the newest waiting input is sent. A
+  prompt is queued as soon as its frame is sent, without waiting for the acknowledgement: the server
+  decodes the frame while it validates the prompt, and the prompt reads the frame once it is decoded.
+
+    client = LiveClient("http://127.0.0.1:8188", session="live").connect()
+    loop = LiveLoop(client, prompt)          # prompt: the API-format graph with Turbo Live nodes
+    loop.push_frame(jpeg_bytes)              # or loop.edit(new_prompt) for prompt-as-you-type
+    loop.pump(0.5)                           # submits when idle, collects outputs
+    loop.outputs[-1].image, loop.stats()
+
+Needs ``websocket-client`` (a test/bench extra, not a dependency of the pack).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import struct
+import select
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import websocket  # websocket-client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from live.protocol import pack_frame, unpack_image_with_metadata  # noqa: E402
+
+LIVE_ROUTE = "/comfy-turbo/live"
+
+
+class LiveError(RuntimeError):
+    """The server refused something (its message says what and how to fix it)."""
+
+
+class LiveClient:
+    def __init__(self, url: str, session: str = "live", client_id: str | None = None):
+        self.url = url.rstrip("/")
+        self.session = session
+        self.client_id = client_id or uuid.uuid4().hex
+        self.comfy_ws: websocket.WebSocket | None = None
+        self.live_ws: websocket.WebSocket | None = None
+        self.attached: dict | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.url[len("http"):]
+
+    def connect(self, timeout: float = 10.0) -> "LiveClient":
+        self.comfy_ws = websocket.create_connection(f"{self.ws_url}/ws?clientId={self.client_id}", timeout=timeout)
+        self.live_ws = self.open_live_socket(timeout)
+        first = json.loads(self.live_ws.recv())
+        if first.get("type") != "attached":
+            self.close()
+            raise LiveError(first.get("message", str(first)))
+        self.attached = first
+        for ws in (self.comfy_ws, self.live_ws):
+            ws.settimeout(None)
+        return self
+
+    def open_live_socket(self, timeout: float = 10.0) -> websocket.WebSocket:
+        return websocket.create_connection(
+            f"{self.ws_url}{LIVE_ROUTE}/{self.session}/ws?clientId={self.client_id}", timeout=timeout)
+
+    def close(self) -> None:
+        for ws in (self.live_ws, self.comfy_ws):
+            if ws is not None:
+                try:
+                    ws.close()
+                except Exception:
+                    pass
+
+    def __enter__(self) -> "LiveClient":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def receive(self, timeout: float) -> list[tuple[str, object, float]]:
+        """What arrived within ``timeout`` on either websocket: (source, message or the closing error, time)."""
+        sockets = {ws.sock: name for name, ws in (("comfy", self.comfy_ws), ("live", self.live_ws))
+                   if ws is not None and ws.sock is not None}
+        if not sockets:
+            return [("live", ConnectionError("closed"), time.perf_counter())]
+        readable, _, _ = select.select(list(sockets), [], [], max(timeout, 0.0))
+        received = []
+        for sock in readable:
+            name = sockets[sock]
+            try:
+                message = (self.comfy_ws if name == "comfy" else self.live_ws).recv()
+            except Exception as e:          # closed, by either side
+                message = e
+            received.append((name, message, time.perf_counter()))
+        return received
+
+    # -- requests ----------------------------------------------------------------------------
+    def send_frame(self, data: bytes, frame_id: int, fmt: str = "jpeg", width: int | None = None,
+                   height: int | None = None) -> None:
+        header = {"frame_id": frame_id, "format": fmt}
+        if fmt == "rgba":
+            header.update(width=width, height=height)
+        self.live_ws.send_binary(pack_frame(header, data))
+
+    def submit(self, prompt: dict) -> str:
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+        request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise LiveError(f"/prompt refused the graph: {e.read().decode(errors='replace')[:2000]}") from None
+
+
+@dataclass
+class Output:
+    prompt_id: str
+    frame_id: int | None
+    metadata: dict
+    image: bytes
+    shown_at: float
+    latency_ms: float | None        # input (frame capture or edit) to pixels at this client
+
+
+@dataclass
+class LiveLoop:
+    """The panel's scheduling: one prompt on the server at a time, the newest input waits, frames win."""
+    client: LiveClient
+    prompt: dict
+    outputs: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    acks: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)          # prompt ids, in order
+    executed: dict = field(default_factory=dict)         # prompt id -> [(node id, arrival time)]
+    max_queue_remaining: int = 0
+    in_flight: str | None = None
+    closed: bool = False
+
+    def __post_init__(self):
+        self._frame_id = 0                  # the newest frame sent
+        self._captured: dict[int, float] = {}
+        self._newest_acked = 0
+        self._consumed = 0                  # every frame up to this one was used, overtaken or refused
+        self._prompt_outputs: set[str] = set()
+        self._edited_at: float | None = None
+        self._prompt_input_time: dict[str, float | None] = {}
+        self._prompt_frame: dict[str, int] = {}
+        self._graph_dirty = True
+
+    # -- inputs ------------------------------------------------------------------------------
+    def push_frame(self, data: bytes, fmt: str = "jpeg", captured_at: float | None = None, **size) -> int:
+        self._frame_id += 1
+        self._captured[self._frame_id] = captured_at or time.perf_counter()
+        if len(self._captured) > 4096:
+            self._captured.pop(next(iter(self._captured)))
+        self.client.send_frame(data, self._frame_id, fmt, **size)
+        return self._frame_id
+
+    def edit(self, prompt: dict, edited_at: float | None = None) -> None:
+        self.prompt = prompt
+        self._graph_dirty = True
+        if self._edited_at is None:
+            self._edited_at = edited_at or time.perf_counter()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _wants_prompt(self) -> bool:
+        if self._needs_frames and self._newest_acked == 0:
+            return False                    # its Turbo Live Input has nothing to read yet
+        return self._graph_dirty or self._frame_id > self._consumed
+
+    @property
+    def _needs_frames(self) -> bool:
+        return any(node.get("class_type") == "TurboLiveInput" for node in self.prompt.values())
+
+    def _submit(self) -> None:
+        prompt_id = self.client.submit(self.prompt)
+        self.in_flight = prompt_id
+        self.prompts.append(prompt_id)
+        self._prompt_input_time[prompt_id] = self._edited_at
+        self._prompt_frame[prompt_id] = self._frame_id
+        self._edited_at, self._graph_dirty = None, False
+
+    def pump(self, seconds: float = 0.0, until=None) -> None:
+        """Handle what arrives for ``seconds`` (or until ``until()`` is true), submitting whenever the server is
+        idle and an input is waiting."""
+        deadline = time.perf_counter() + seconds
+        while until is None or not until():
+            if self.in_flight is None and self._wants_prompt() and not self.closed:
+                self._submit()
+            received = self.client.receive(deadline - time.perf_counter())
+            if not received and time.perf_counter() >= deadline:
+                return
+            for source, message, at in received:
+                self._handle(source, message, at)
+            if self.closed:
+                return
+        if self.in_flight is None and self._wants_prompt() and not self.closed:
+            self._submit()
+
+    def _handle(self, source: str, message, at: float) -> None:
+        if isinstance(message, Exception) or message in ("", b""):
+            self.closed = True
+            self.errors.append(f"{source} websocket closed: {message!r}")
+            return
+        if source == "live":
+            reply = json.loads(message)
+            if reply.get("type") == "frame":
+                self.acks.append(reply)
+                self._newest_acked = max(self._newest_acked, reply["frame_id"])
+                if not reply["accepted"]:           # overtaken by a newer frame on the server
+                    self._consumed = max(self._consumed, reply["frame_id"])
+            elif reply.get("type") == "error":
+                self.errors.append(reply["message"])
+                if reply.get("frame_id") is not None:
+                    self._consumed = max(self._consumed, reply["frame_id"])
+            return
+        if isinstance(message, bytes):
+            if len(message) >= 4 and struct.unpack_from(">I", message)[0] == 4:
+                metadata, image = unpack_image_with_metadata(message)
+                live = metadata.get("turbo_live") or {}
+                frame_id = live.get("frame_id")
+                if frame_id is not None:
+                    self._consumed = max(self._consumed, frame_id)
+                self._prompt_outputs.add(metadata.get("prompt_id"))
+                start = self._captured.get(frame_id) if live.get("fresh_frame") else None
+                edit = self._prompt_input_time.get(metadata.get("prompt_id"))
+                origin = max(t for t in (start, edit) if t is not None) if (start or edit) else None
+                self.outputs.append(Output(metadata.get("prompt_id"), frame_id, metadata, image, at,
+                                           None if origin is None else (at - origin) * 1000.0))
+            return
+        event = json.loads(message)
+        data = event.get("data") or {}
+        kind = event.get("type")
+        if kind == "status":
+            remaining = (data.get("status") or {}).get("exec_info", {}).get("queue_remaining", 0)
+            self.max_queue_remaining = max(self.max_queue_remaining, remaining)
+        elif data.get("prompt_id") == self.in_flight and self.in_flight is not None:
+            if kind == "executing" and data.get("node") is not None:
+                self.executed.setdefault(self.in_flight, []).append((data["node"], at))
+            if kind == "execution_error":
+                self.errors.append(f"{data.get('node_type')}: {data.get('exception_message')}")
+            finished = (kind == "executing" and data.get("node") is None) or \
+                kind in ("execution_error", "execution_interrupted")
+            if finished:
+                if self.in_flight not in self._prompt_outputs:
+                    # Nothing new ran (all cached): the frames it was queued after, which the server has
+                    # acknowledged by now, were used already. One not acknowledged yet may still come.
+                    self._consumed = max(self._consumed, min(self._prompt_frame.get(self.in_flight, 0),
+                                                             self._newest_acked))
+                self._prompt_outputs.discard(self.in_flight)
+                self.executed.setdefault(self.in_flight, []).append((None, at))
+                self.in_flight = None
+
+    def node_seconds(self, prompt_id: str) -> dict[str, float]:
+        """Wall time per node of a prompt, from the server's 'executing' messages."""
+        steps = self.executed.get(prompt_id, [])
+        return {node: later - at for (node, at), (_, later) in zip(steps, steps[1:]) if node is not None}
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Pump until the last prompt has finished and no input is waiting."""
+        deadline = time.perf_counter() + timeout
+        while (self.in_flight is not None or self._wants_prompt()) and not self.closed:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"the live loop did not settle within {timeout:.0f}s (in flight: {self.in_flight})")
+            self.pump(0.05)
+
+    # -- figures -----------------------------------------------------------------------------
+    def stats(self, since: float | None = None) -> dict:
+        shown = [o for o in self.outputs if since is None or o.shown_at >= since]
+        latencies = sorted(o.latency_ms for o in shown if o.latency_ms is not None)
+        span = shown[-1].shown_at - shown[0].shown_at if len(shown) > 1 else 0.0
+        last = (shown[-1].metadata.get("turbo_live") or {}).get("frames") if shown else None
+        return {"frames_shown": len(shown), "fps": (len(shown) - 1) / span if span > 0 else 0.0,
+                "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
+                "server_frames": last, "prompts": len(self.prompts),
+                "max_queue_remaining": self.max_queue_remaining}
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(q) - 1] if q < 100 else sorted_values[-1]
