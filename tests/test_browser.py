@@ -6,6 +6,9 @@ a missing node or model file that way: a dialog in frontend 1.32, a notice in ne
 error, and turns the graph into exactly the API twin. Then it presses Run (with
 Empty Latent Image at 128 px instead of 512 in the queued prompt, as the API tests do), waits for
 the server's success and the image on the Save Image node, and takes a 1280x800 screenshot.
+The Turbo Live workflows are run with the Turbo Live panel instead: Live is pressed, and the webcam
+(Chromium's fake camera), the paint canvas or typing drives the image (tests/test_browser_live.py has
+the rest of the panel's behaviour).
 
 Screenshots go to out/screenshots/ (COMFY_TURBO_SCREENSHOTS moves them). With
 COMFY_TURBO_UPDATE_GALLERY=1 they also refresh docs/screenshots/ (the README gallery) and the
@@ -27,13 +30,16 @@ import pytest
 from PIL import Image
 
 from comfy_host import PACK_DIR_NAME
-from workflow_utils import TEST_SIZE, gallery_names_by_checkpoint, load_api_twin, load_ui, node_of
+from live_browser import run_live_workflow, stop_live
+from workflow_utils import TEST_SIZE, gallery_names_by_checkpoint, is_live, load_api_twin, load_ui, node_of
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium's own connections get refused on a closed network.
+# The fake-media flags give getUserMedia a moving test pattern, with the permission granted.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 VIEWPORT = {"width": 1280, "height": 800}
 UI_SETTINGS = {
     "Comfy.TutorialCompleted": True,                 # no first-run template browser over the canvas
@@ -233,6 +239,16 @@ def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
     assert sorted(loaded) == sorted([str(node["id"]), node["type"], False] for node in workflow["nodes"])
     # The frontend's own conversion of the opened graph is the API twin, titles included.
     assert page.evaluate("async () => (await app.graphToPrompt()).output") == api
+    if is_live(api):
+        run_live_workflow(page, name, api)
+        _save_screenshot(page.page.screenshot(), name, page.evaluate(GRAPH_BOX))
+        stop_live(page)
+        session, deadline = node_of(api, "TurboLiveOutput")["inputs"]["session"], time.monotonic() + 30
+        while page.host.get_json("/comfy-turbo/live")["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.2)                                 # Stop ended the session on the server
+        assert page.host.get_json("/comfy-turbo/live")["sessions"] == 0, session
+        assert page.problems == []
+        return
 
     page.evaluate(SHRINK_QUEUED_PROMPT, TEST_SIZE)
     with page.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as sent:
