@@ -113,6 +113,26 @@ SPECS = [
     Spec("turbo_batch4", "SD-Turbo: a batch of 4",
          "*Empty Latent Image* with batch size 4: four images from one queue press, each with its own noise.",
          [["note", "1"], ["2", "3", "4"], ["5"], ["6", "7"]]),
+    Spec("turbo_live_txt2img", "Turbo Live: type a prompt and watch (SDXL-Turbo)",
+         "Press **Live** in the *Turbo Live* panel (it opens with this graph), then type in its prompt box: "
+         "every edit re-runs the graph, edits made while a frame runs fold into one follow-up, and the "
+         "image follows as you type. The prompt memo of *Turbo Text Encode* and TAESDXL decoding keep "
+         "each frame short. Frames reach the panel over the websocket as JPEG: nothing is saved to disk. "
+         "Change anything in the graph while it runs (steps, seed, a LoRA) and the next frame shows it.",
+         [["note", "1"], ["2", "3", "4"], ["5", "15"], ["6", "7"]]),
+    Spec("turbo_live_webcam", "Turbo Live: webcam image-to-image (SD-Turbo)",
+         "Press **Live** in the *Turbo Live* panel and allow the camera: each webcam frame goes to "
+         "*Turbo Live Input* in memory (no upload), is encoded with TAESD, denoised in 1 step (steps 2, "
+         "strength 0.5: t=499) and shown as it comes back. The newest frame always wins; the panel caps "
+         "the frame rate and skips frames almost equal to the last one. Type in the panel's prompt box to "
+         "restyle it live.",
+         [["note", "1"], ["8", "2", "15"], ["9", "4"], ["5"], ["6", "7"]]),
+    Spec("turbo_live_paint", "Turbo Live: paint and watch (SDXL-Turbo)",
+         "Press **Live** in the *Turbo Live* panel and paint on its canvas: each stroke sends the canvas "
+         "to *Turbo Live Input* and the picture is redrawn in 1 step (steps 2, strength 0.5: t=499). Pick "
+         "a colour and brush size in the panel; *Clear* starts over. Type in the prompt box to change "
+         "what it paints.",
+         [["note", "1"], ["8", "2", "15"], ["9", "4"], ["5"], ["6", "7"]]),
 ]
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
@@ -209,7 +229,8 @@ def note_text(spec: Spec, api: dict) -> str:
 
 def estimate_size(node: dict) -> list[int]:
     """A size no smaller than the frontend's own (LiteGraph grows a node to fit, never shrinks it)."""
-    special = {"CLIPTextEncode": [400, 160], "SaveImage": [380, 420], "LoadImage": [300, 340],
+    special = {"CLIPTextEncode": [400, 160], "TurboTextEncode": [400, 160], "SaveImage": [380, 420],
+               "TurboLiveOutput": [380, 460], "LoadImage": [300, 340],
                "MarkdownNote": [400, 300]}
     if node["type"] in special:
         return list(special[node["type"]])

@@ -21,7 +21,7 @@ import pytest
 
 from comfy_host import PACK_DIR_NAME
 from workflow_utils import (TEST_SIZE, UI_DIR, USER_MODEL_STAND_INS, gallery_names, gallery_names_by_checkpoint,
-                            load_api_twin, load_ui, node_of, png_pixels, png_size, sampling_steps, shrink)
+                            live_names, load_api_twin, load_ui, node_of, png_pixels, png_size, sampling_steps, shrink)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO.parent / "shared" / "schemas"
@@ -37,7 +37,8 @@ MODEL_URL = re.compile(r"https://(huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/|
 def test_the_gallery_has_every_workflow_of_the_issue():
     assert NAMES == sorted([
         "turbo_txt2img", "turbo_txt2img_sd", "turbo_img2img", "turbo_lora_stack", "turbo_controlnet_canny",
-        "turbo_taesd_fast_decode", "turbo_taesdxl_fast_decode", "turbo_4step_quality", "turbo_batch4"])
+        "turbo_taesd_fast_decode", "turbo_taesdxl_fast_decode", "turbo_4step_quality", "turbo_batch4",
+        "turbo_live_txt2img", "turbo_live_webcam", "turbo_live_paint"])
     assert sorted(p.name for p in (UI_DIR / "api").glob("*.json")) == sorted(f"{n}_api.json" for n in NAMES)
 
 
@@ -292,7 +293,9 @@ def _check_twin_run(host, name, prompt):
 # The LoRA, ControlNet and TAESD twins run first thing in their own tests below, right before their
 # variants, so the server patches the LoRAs / loads the ControlNet once. The order keeps consecutive
 # prompts on one checkpoint (SD-Turbo, SDXL-Turbo, then its LoRA, ControlNet and TAESDXL, then TAESD).
-RUN_IN_OWN_TEST = ("turbo_lora_stack", "turbo_controlnet_canny", "turbo_taesdxl_fast_decode", "turbo_taesd_fast_decode")
+# The live twins send their image to a live client, not a file: tests/test_live_server.py runs them.
+RUN_IN_OWN_TEST = ("turbo_lora_stack", "turbo_controlnet_canny", "turbo_taesdxl_fast_decode",
+                   "turbo_taesd_fast_decode", *live_names())
 
 
 @pytest.mark.parametrize("name", [n for n in gallery_names_by_checkpoint() if n not in RUN_IN_OWN_TEST])
@@ -395,20 +398,26 @@ def test_comfyui_reads_our_pyproject_as_we_mean_it():
     assert config.tool_comfy.display_name == data["tool"]["comfy"]["DisplayName"]
 
 
-# ComfyUI's own top-level modules a node may use (its core nodes module included), and torch.
-COMFYUI_MODULES = {"folder_paths", "latent_preview", "node_helpers", "nodes"}
+# ComfyUI's own top-level modules a node may use (its core nodes module and server included), and torch.
+COMFYUI_MODULES = {"folder_paths", "latent_preview", "node_helpers", "nodes", "server", "protocol"}
+# Packages ComfyUI itself requires (its requirements.txt name -> import name), which the live routes use.
+COMFYUI_REQUIREMENTS = {"numpy": "numpy", "Pillow": "PIL", "aiohttp": "aiohttp"}
 
 
 def _pack_sources():
     return [REPO / "__init__.py", REPO / "extension.py", *sorted((REPO / "nodes").glob("*.py")),
-            *sorted((REPO / "samplers").glob("*.py"))]
+            *sorted((REPO / "samplers").glob("*.py")), *sorted((REPO / "live").glob("*.py"))]
 
 
 def test_pack_needs_nothing_beyond_comfyui():
-    """No runtime dependency: nodes/ and samplers/ import only the stdlib, torch and ComfyUI's own modules."""
+    """No runtime dependency: the pack imports only the stdlib, torch, ComfyUI's own modules and packages that
+    ComfyUI's requirements.txt lists."""
     assert _pyproject()["project"]["dependencies"] == []
     from conftest import comfyui_path
     assert all((comfyui_path() / f"{module}.py").is_file() for module in COMFYUI_MODULES)
+    required = {re.split(r"[<>=~! ]", line.strip())[0]
+                for line in (comfyui_path() / "requirements.txt").read_text().splitlines() if line.strip()}
+    assert set(COMFYUI_REQUIREMENTS) <= required
     foreign = []
     for path in _pack_sources():
         for stmt in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -421,7 +430,7 @@ def test_pack_needs_nothing_beyond_comfyui():
             for module in modules:
                 top = module.split(".")[0]
                 if not (top in sys.stdlib_module_names or top == "torch" or top in COMFYUI_MODULES
-                        or top.startswith("comfy")):
+                        or top in COMFYUI_REQUIREMENTS.values() or top.startswith("comfy")):
                     foreign.append(f"{path.relative_to(REPO)}: {module}")
     assert len(_pack_sources()) >= 8
     assert not foreign, foreign
@@ -444,6 +453,7 @@ def test_comfyignore_leaves_out_everything_not_needed_at_run_time():
     needed = {"__init__.py", "extension.py", "pyproject.toml", "LICENSE", "README.md"}
     needed |= {str(p.relative_to(REPO)) for p in _pack_sources()}
     needed |= {f"workflows/{n}.json" for n in NAMES} | {f"workflows/api/{n}_api.json" for n in NAMES}
+    needed |= {str(p.relative_to(REPO)) for p in (REPO / "web").rglob("*.js")}
     assert needed <= published, f"left out but needed: {sorted(needed - published)}"
     dev_only = ("tests/", "scripts/", "docs/", ".ci/", "bench/", ".github/")
     assert not [f for f in published if f.startswith(dev_only)]

@@ -95,11 +95,20 @@ def load_api_twin(name: str) -> dict:
     return load_api(f"{name}_api.json")
 
 
+def is_live(prompt: dict) -> bool:
+    """A Turbo Live graph: its image goes to a live session's client, not to a file."""
+    return any(node["class_type"] == "TurboLiveOutput" for node in prompt.values())
+
+
+def live_names() -> list[str]:
+    return [name for name in gallery_names() if is_live(load_api_twin(name))]
+
+
 def shrink(prompt: dict, size: int = TEST_SIZE) -> dict:
-    """The same prompt with every Empty Latent Image at size x size (linked sizes replaced)."""
+    """The same prompt with every Empty Latent Image and Turbo Live Input at size x size (linked sizes replaced)."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "TurboLiveInput"):
             node["inputs"].update(width=size, height=size)
     return prompt
 
