@@ -13,6 +13,7 @@ prompt worker thread.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -26,6 +27,7 @@ from .frames import FrameError, Limits
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KEPT_PROMPTS = 8          # history entries a session keeps of its prompts (the rest are deleted)
 DECODE_WAIT = 1.0         # seconds a prompt waits for a frame of its session that is still decoding
+_runs = itertools.count(1)  # numbers each run of a session: frame ids restart at 1 with every run
 
 
 class SessionError(FrameError):
@@ -90,6 +92,7 @@ class PromptLog:
 @dataclass
 class Session:
     id: str
+    run: int = field(default_factory=lambda: next(_runs))
     client_id: str | None = None          # ComfyUI client id that gets this session's output frames
     attached: object | None = None        # token of the attached websocket, if any
     frame: Frame | None = None
@@ -170,6 +173,7 @@ class SessionStore:
                     "this graph's Turbo Live nodes another session name.", status=409)
             if session.attached is not token:     # a new run numbers its frames from 1
                 session.frame, session.frame_used, session.last_frame_id = None, False, 0
+                session.run = next(_runs)
             session.attached, session.client_id = token, client_id
             return session
 
@@ -246,10 +250,15 @@ class SessionStore:
 
     def newest_frame_id(self, session_id: str, wait: float = DECODE_WAIT) -> int | None:
         """The id of the session's newest frame (after any frame still decoding), or None."""
+        key = self.newest_frame_key(session_id, wait)
+        return None if key is None else key[1]
+
+    def newest_frame_key(self, session_id: str, wait: float = DECODE_WAIT) -> tuple[int, int] | None:
+        """(run, frame id) of the session's newest frame, unique across runs of a session; or None."""
         with self._lock:
             self._wait_for_decodes(session_id, wait)
             session = self._sessions.get(session_id)
-            return None if session is None or session.frame is None else session.frame.id
+            return None if session is None or session.frame is None else (session.run, session.frame.id)
 
     def take(self, session_id: str, prompt_id: str | None = None, wait: float = DECODE_WAIT) -> tuple[Frame, Session]:
         """The session's newest frame, for a prompt; an error names the session when there is none."""

@@ -61,7 +61,7 @@ def frame_to_image(pixels, width: int = 0, height: int = 0) -> torch.Tensor:
 
 def encode_image(image: torch.Tensor, fmt: str, quality: int) -> bytes:
     """One [H, W, C] image in 0..1 as JPEG or WebP bytes (8-bit as ComfyUI's SaveImage rounds it)."""
-    pixels = (image[..., :3].detach().float().cpu() * 255.0).clamp_(0, 255).to(torch.uint8).numpy()
+    pixels = image[..., :3].mul(255.0).clamp_(0, 255).to(device="cpu", dtype=torch.uint8).numpy()
     buffer = io.BytesIO()
     pil_format, _ = OUTPUT_FORMATS[fmt]
     options = {"quality": int(quality)}
@@ -101,8 +101,10 @@ class TurboLiveInput(comfy_io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, session=None, **kwargs):
-        frame_id = live_server.STORE.newest_frame_id(session) if isinstance(session, str) else None
-        return float("nan") if frame_id is None else f"{session}#{frame_id}"
+        # The newest frame's (run, id): a new frame re-runs the graph, the same frame leaves it cached, and a
+        # session's next run (frame ids from 1 again) never matches the last one's frames.
+        key = live_server.STORE.newest_frame_key(session) if isinstance(session, str) else None
+        return float("nan") if key is None else f"{session}#{key[0]}.{key[1]}"
 
     @classmethod
     def execute(cls, session, width=512, height=512, source="webcam") -> comfy_io.NodeOutput:

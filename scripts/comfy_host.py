@@ -79,12 +79,13 @@ class PromptResult:
 
 class ComfyHost:
     def __init__(self, base_dir: Path, comfyui_path: Path | None = None, python: str | None = None,
-                 port: int | None = None, extra_args: tuple[str, ...] = ()):
+                 port: int | None = None, extra_args: tuple[str, ...] = (), cpu: bool = True):
         self.base_dir = Path(base_dir).resolve()
         self.comfyui_path = Path(comfyui_path or default_comfyui_path()).resolve()
         self.python = python or sys.executable
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
+        self.cpu = cpu                   # False: ComfyUI picks its device (a GPU)
         self.client_id = uuid.uuid4().hex
         self.process: subprocess.Popen | None = None
         self.log_path = self.base_dir / "server.log"
@@ -120,7 +121,7 @@ class ComfyHost:
 
     # -- process -----------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyHost":
-        cmd = [self.python, "-u", str(self.comfyui_path / "main.py"), "--cpu",
+        cmd = [self.python, "-u", str(self.comfyui_path / "main.py"), *(["--cpu"] if self.cpu else []),
                "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch",
                "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}", *self.extra_args]
@@ -214,7 +215,8 @@ class ComfyHost:
         finally:
             ws.close()
 
-    def follow(self, ws: websocket.WebSocket, prompt_id: str, timeout: float = 600.0, on_event=None) -> PromptResult:
+    def follow(self, ws: websocket.WebSocket, prompt_id: str, timeout: float = 600.0, on_event=None,
+               fetch_history: bool = True) -> PromptResult:
         events, deadline = [], time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -241,7 +243,8 @@ class ComfyHost:
             finished = (kind == "executing" and data.get("node") is None) or kind in TERMINAL_EVENTS
             if finished:
                 status = {"execution_error": "error", "execution_interrupted": "interrupted"}.get(kind, "success")
-                return PromptResult(prompt_id, status, events, self.wait_history(prompt_id))
+                return PromptResult(prompt_id, status, events,
+                                    self.wait_history(prompt_id) if fetch_history else {})
 
     def wait_history(self, prompt_id: str, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout

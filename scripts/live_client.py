@@ -22,14 +22,14 @@ Needs ``websocket-client`` (a test/bench extra, not a dependency of the pack).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import select
+import socket
 import statistics
 import struct
-import select
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +46,94 @@ class LiveError(RuntimeError):
     """The server refused something (its message says what and how to fix it)."""
 
 
+class Http:
+    """HTTP/1.1 requests over one kept-alive socket, as a browser's fetch sends them.
+
+    Python's http.client (and requests, urllib on top of it) spend about 3 ms per request here parsing
+    headers; that is as much as what is being measured, and a browser does not pay it.
+    """
+
+    def __init__(self, url: str):
+        host, _, port = url.split("://", 1)[1].partition(":")
+        self.address = (host, int(port or 80))
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.buffer = None, b""
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                content_type: str = "application/json") -> tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += f"Content-Type: {content_type}\r\n"
+        for attempt in (1, 2):                     # a kept-alive connection the server closed: once more
+            try:
+                if self.sock is None:
+                    self.sock = socket.create_connection(self.address, timeout=600)
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sock.sendall(head.encode() + b"\r\n" + body)
+                return self._response()
+            except (ConnectionError, OSError):
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def _recv(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += chunk
+
+    def _response(self) -> tuple[int, bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            while len(self.buffer) < length:
+                self._recv()
+            body, self.buffer = self.buffer[:length], self.buffer[length:]
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                while b"\r\n" not in self.buffer:
+                    self._recv()
+                size_line, self.buffer = self.buffer.split(b"\r\n", 1)
+                size = int(size_line.split(b";")[0], 16)
+                while len(self.buffer) < size + 2:
+                    self._recv()
+                body, self.buffer = body + self.buffer[:size], self.buffer[size + 2:]
+                if size == 0:
+                    break
+        else:                                      # no length: the body runs to the end of the connection
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    self._recv()
+            body = self.buffer
+            self.close()
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, body
+
+    def json(self, method: str, path: str, payload=None):
+        status, body = self.request(method, path, b"" if payload is None else json.dumps(payload).encode())
+        if status >= 400:
+            raise LiveError(f"{method} {path}: HTTP {status}: {body.decode(errors='replace')[:2000]}")
+        return json.loads(body)
+
+
 class LiveClient:
     def __init__(self, url: str, session: str = "live", client_id: str | None = None):
         self.url = url.rstrip("/")
         self.session = session
         self.client_id = client_id or uuid.uuid4().hex
+        self.http = Http(self.url)
         self.comfy_ws: websocket.WebSocket | None = None
         self.live_ws: websocket.WebSocket | None = None
         self.attached: dict | None = None
@@ -76,6 +159,7 @@ class LiveClient:
             f"{self.ws_url}{LIVE_ROUTE}/{self.session}/ws?clientId={self.client_id}", timeout=timeout)
 
     def close(self) -> None:
+        self.http.close()
         for ws in (self.live_ws, self.comfy_ws):
             if ws is not None:
                 try:
@@ -115,13 +199,11 @@ class LiveClient:
         self.live_ws.send_binary(pack_frame(header, data))
 
     def submit(self, prompt: dict) -> str:
-        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
-        request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())["prompt_id"]
-        except urllib.error.HTTPError as e:
-            raise LiveError(f"/prompt refused the graph: {e.read().decode(errors='replace')[:2000]}") from None
+        status, body = self.http.request("POST", "/prompt", json.dumps({"prompt": prompt,
+                                                                         "client_id": self.client_id}).encode())
+        if status != 200:
+            raise LiveError(f"/prompt refused the graph: {body.decode(errors='replace')[:2000]}")
+        return json.loads(body)["prompt_id"]
 
 
 @dataclass
@@ -136,13 +218,21 @@ class Output:
 
 @dataclass
 class LiveLoop:
-    """The panel's scheduling: one prompt on the server at a time, the newest input waits, frames win."""
+    """The panel's scheduling: one prompt on the server at a time, the newest input waits, frames win.
+
+    Frames come either from ``push_frame`` (any rate: the server keeps the newest) or from ``camera``, a
+    function returning the camera's current frame as JPEG bytes, which the loop calls itself, just in time
+    (see ``_wants_frame``), at most ``fps_cap`` times a second.
+    """
     client: LiveClient
     prompt: dict
+    camera: object = None
+    fps_cap: float = 30.0
     outputs: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     acks: list = field(default_factory=list)
     prompts: list = field(default_factory=list)          # prompt ids, in order
+    submitted: dict = field(default_factory=dict)        # prompt id -> the graph it queued
     executed: dict = field(default_factory=dict)         # prompt id -> [(node id, arrival time)]
     max_queue_remaining: int = 0
     in_flight: str | None = None
@@ -158,6 +248,10 @@ class LiveLoop:
         self._prompt_input_time: dict[str, float | None] = {}
         self._prompt_frame: dict[str, int] = {}
         self._graph_dirty = True
+        self._last_capture = float("-inf")
+        self._submitted_at = 0.0
+        self._expected = 0.0                # seconds a prompt takes, submit to done (moving average)
+        self._lead = 0.005                  # seconds a frame takes to reach the server, decoded (moving average)
 
     # -- inputs ------------------------------------------------------------------------------
     def push_frame(self, data: bytes, fmt: str = "jpeg", captured_at: float | None = None, **size) -> int:
@@ -184,10 +278,30 @@ class LiveLoop:
     def _needs_frames(self) -> bool:
         return any(node.get("class_type") == "TurboLiveInput" for node in self.prompt.values())
 
+    def _frame_waiting(self) -> bool:
+        """A frame was sent that no prompt has taken yet (nor will the running one)."""
+        return self._frame_id > (self._prompt_frame[self.in_flight] if self.in_flight else self._consumed)
+
+    def _wants_frame(self, now: float) -> bool:
+        """Capture a camera frame when the loop will use it: at once if no prompt runs; else shortly before
+        the running one should end (its expected time less a frame's way to the server), so the next prompt
+        starts on a fresh, already decoded frame. One frame waits at most; the fps cap holds throughout."""
+        if self.camera is None or self._frame_waiting() or now - self._last_capture < 1.0 / self.fps_cap:
+            return False
+        return self.in_flight is None or now >= self._submitted_at + self._expected - self._lead
+
+    def _capture(self) -> None:
+        now = time.perf_counter()
+        if self._wants_frame(now):
+            self._last_capture = now
+            self.push_frame(self.camera(), captured_at=now)
+
     def _submit(self) -> None:
         prompt_id = self.client.submit(self.prompt)
+        self._submitted_at = time.perf_counter()
         self.in_flight = prompt_id
         self.prompts.append(prompt_id)
+        self.submitted[prompt_id] = self.prompt
         self._prompt_input_time[prompt_id] = self._edited_at
         self._prompt_frame[prompt_id] = self._frame_id
         self._edited_at, self._graph_dirty = None, False
@@ -197,9 +311,11 @@ class LiveLoop:
         idle and an input is waiting."""
         deadline = time.perf_counter() + seconds
         while until is None or not until():
-            if self.in_flight is None and self._wants_prompt() and not self.closed:
-                self._submit()
-            received = self.client.receive(deadline - time.perf_counter())
+            if not self.closed:
+                self._capture()
+                if self.in_flight is None and self._wants_prompt():
+                    self._submit()
+            received = self.client.receive(min(deadline, self._next_capture()) - time.perf_counter())
             if not received and time.perf_counter() >= deadline:
                 return
             for source, message, at in received:
@@ -208,6 +324,15 @@ class LiveLoop:
                 return
         if self.in_flight is None and self._wants_prompt() and not self.closed:
             self._submit()
+
+    def _next_capture(self) -> float:
+        """When the camera may next be wanted (never, without one, or while a frame waits)."""
+        if self.camera is None or self._frame_waiting():
+            return float("inf")
+        soon = self._last_capture + 1.0 / self.fps_cap
+        if self.in_flight is not None:
+            soon = max(soon, self._submitted_at + self._expected - self._lead)
+        return soon
 
     def _handle(self, source: str, message, at: float) -> None:
         if isinstance(message, Exception) or message in ("", b""):
@@ -218,6 +343,8 @@ class LiveLoop:
             reply = json.loads(message)
             if reply.get("type") == "frame":
                 self.acks.append(reply)
+                if reply["frame_id"] in self._captured:
+                    self._lead = 0.8 * self._lead + 0.2 * 1.5 * (at - self._captured[reply["frame_id"]])
                 self._newest_acked = max(self._newest_acked, reply["frame_id"])
                 if not reply["accepted"]:           # overtaken by a newer frame on the server
                     self._consumed = max(self._consumed, reply["frame_id"])
@@ -261,6 +388,8 @@ class LiveLoop:
                                                              self._newest_acked))
                 self._prompt_outputs.discard(self.in_flight)
                 self.executed.setdefault(self.in_flight, []).append((None, at))
+                took = at - self._submitted_at
+                self._expected = took if self._expected == 0 else 0.8 * self._expected + 0.2 * took
                 self.in_flight = None
 
     def node_seconds(self, prompt_id: str) -> dict[str, float]:
@@ -269,7 +398,8 @@ class LiveLoop:
         return {node: later - at for (node, at), (_, later) in zip(steps, steps[1:]) if node is not None}
 
     def drain(self, timeout: float = 60.0) -> None:
-        """Pump until the last prompt has finished and no input is waiting."""
+        """Stop the camera, and pump until the last prompt has finished and no input is waiting."""
+        self.camera = None
         deadline = time.perf_counter() + timeout
         while (self.in_flight is not None or self._wants_prompt()) and not self.closed:
             if time.perf_counter() > deadline:

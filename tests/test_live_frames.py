@@ -143,6 +143,8 @@ def test_one_client_attaches_at_a_time_and_a_new_run_starts_fresh():
     store = SessionStore()
     first, second = object(), object()
     store.attach("s", "tab-1", first)
+    store.put("s", frame(1), "tab-1")
+    first_run = store.newest_frame_key("s")[0]
     store.put("s", frame(9), "tab-1")
     with pytest.raises(SessionError, match="already live in another tab") as e:
         store.attach("s", "tab-2", second)
@@ -155,6 +157,9 @@ def test_one_client_attaches_at_a_time_and_a_new_run_starts_fresh():
     assert store.detach("s", first) and store.get("s") is None      # the session ends with its connection
     session = store.attach("s", "tab-2", second)
     assert session.client_id == "tab-2" and session.frame is None and store.next_frame_id("s") == 1
+    store.put("s", frame(1), "tab-2")
+    assert store.newest_frame_id("s") == 1
+    assert store.newest_frame_key("s") != (first_run, 1)       # frame 1 of this run is not frame 1 of the last
 
 
 def test_a_refused_frame_opens_no_session():

@@ -282,6 +282,38 @@ def test_frames_pushed_at_60_fps_into_a_slow_graph_keep_latency_flat(host, user_
     assert loop.max_queue_remaining <= 1
 
 
+def test_a_camera_is_read_just_in_time_so_no_frame_is_wasted(host, user_models):
+    """The panel's webcam scheduling (LiveLoop with a camera): a frame is captured only when a prompt will
+    take it, shortly before the running one ends, so frames are fresh when read and almost none dropped."""
+    session = new_session()
+    prompt = live_twin("turbo_live_webcam", session, size=96)
+    captured = []
+
+    def camera() -> bytes:
+        captured.append(time.perf_counter())
+        return encode(webcam_like(len(captured), 96))
+
+    with LiveClient(host.url, session) as client:
+        loop = LiveLoop(client, prompt, camera=camera, fps_cap=30)
+        wait_for(loop, lambda: len(loop.outputs) >= 2, timeout=300)            # models loaded, timings known
+        warm = len(loop.outputs)
+        loop.pump(5.0)
+        loop.drain(120)
+        counters = host.get_json(f"/comfy-turbo/live/{session}")["frames"]
+    assert not loop.errors
+    outputs = loop.outputs[warm:]
+    assert len(outputs) >= 4
+    # Each frame sent was used, bar the one sent ahead when the camera stopped; a 30 fps push would have
+    # sent ~150 in these 5 s.
+    assert counters["received"] == len(captured) and counters["dropped"] <= 1
+    assert len(captured) <= len(loop.prompts) + 1
+    # Fresh frames: a frame waits for its prompt a fraction of the prompt's own time.
+    waits = [o.metadata["turbo_live"]["timings_ms"]["wait"] for o in outputs]
+    graphs = [o.metadata["turbo_live"]["timings_ms"]["graph"] for o in outputs]
+    assert statistics.median(waits) * 2 < statistics.median(graphs), (waits, graphs)
+    assert loop.max_queue_remaining <= 1
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 def _post_frame(host, session: str, body: bytes, **query):

@@ -150,6 +150,10 @@ class TurboLive {
     this.skipsInARow = 0;
     this.clientDropped = 0;
     this.lastSent = null;           // downsampled pixels of the last frame sent
+    this.lastCaptureAt = -Infinity;
+    this.submittedAt = 0;
+    this.expectedMs = 0;            // how long a prompt takes, queue to done (moving average)
+    this.leadMs = 5;                // how long a frame takes to reach the server, decoded (moving average)
     this.paintDirty = true;
     this.outputs = 0;
     this.submitted = 0;
@@ -343,6 +347,7 @@ class TurboLive {
     const wasRunning = this.running;
     this.running = false;
     clearTimeout(this.timer);
+    clearTimeout(this.presend);
     this.timer = null;
     if (this.socket) { this.socket.onclose = null; this.socket.close(); this.socket = null; }
     for (const track of this.stream?.getTracks() ?? []) track.stop();
@@ -400,15 +405,33 @@ class TurboLive {
   }
 
   // -- the loop ------------------------------------------------------------------------------
+  fpsCap() {
+    return Math.min(120, Math.max(1, Number(this.ui.fps.value) || 30));
+  }
+
   tick() {
     if (!this.running) return;
     clearTimeout(this.timer);
     this.bindComfySocket();
-    const interval = 1000 / Math.max(1, Number(this.ui.fps.value) || 30);
-    this.timer = setTimeout(() => this.tick(), interval);
+    this.timer = setTimeout(() => this.tick(), 1000 / this.fpsCap());
     this.capture();
     this.maybeSubmit();
     this.render();
+  }
+
+  // A frame was sent that no prompt has taken yet (nor will the running one).
+  frameWaiting() {
+    return this.frameId > (this.inFlight ? (this.promptFrame.get(this.inFlight) ?? 0) : this.consumed);
+  }
+
+  // Frames are captured when the loop will use them: at once when no prompt runs, else shortly before the
+  // running one should end (its expected time less the time a frame takes to reach the server, decoded), so
+  // the next prompt starts on a fresh frame that is already there. One frame waits at most: none is
+  // encoded, sent and decoded only to be dropped.
+  wantsFrame(now) {
+    if (this.source === "prompt" || this.encoding || !this.socket || this.frameWaiting()) return false;
+    if (now - this.lastCaptureAt < 1000 / this.fpsCap()) return false;
+    return !this.inFlight || now >= this.submittedAt + this.expectedMs - this.leadMs;
   }
 
   noteEdit() {
@@ -416,12 +439,14 @@ class TurboLive {
   }
 
   capture() {
-    if (this.source === "prompt" || this.encoding || !this.socket) return;
+    const now = performance.now();
+    if (!this.running || !this.wantsFrame(now)) return;
     if (this.socket.bufferedAmount > 1 << 20) { this.clientDropped++; return; }     // the network is behind
+    if (this.source === "paint" && !this.paintDirty) return;
+    this.lastCaptureAt = now;
     const { width, height } = this.graph;
     let canvas;
     if (this.source === "paint") {
-      if (!this.paintDirty) return;
       this.paintDirty = false;
       canvas = this.ui.paint;
     } else {
@@ -435,18 +460,18 @@ class TurboLive {
         0, 0, width, height);
       if (this.similarToLastSent(canvas)) { this.skipped++; return; }
     }
-    const capturedAt = performance.now();
     this.encoding = true;
     canvas.toBlob(async (blob) => {
       try {
         if (!blob || !this.socket || this.socket.readyState !== WebSocket.OPEN) return;
         const frameId = ++this.frameId;
-        this.captured.set(frameId, capturedAt);
+        this.captured.set(frameId, now);
         if (this.captured.size > 512) this.captured.delete(this.captured.keys().next().value);
         this.socket.send(packFrame({ frame_id: frameId, format: "jpeg" }, await blob.arrayBuffer()));
       } finally {
         this.encoding = false;
       }
+      if (!this.inFlight) this.maybeSubmit();       // the prompt goes with the frame: decoding overlaps it
     }, "image/jpeg", 0.9);
   }
 
@@ -470,6 +495,8 @@ class TurboLive {
   }
 
   onAck(reply) {
+    const sentAt = this.captured.get(reply.frame_id);
+    if (sentAt != null) this.leadMs = 0.8 * this.leadMs + 0.2 * 1.5 * (performance.now() - sentAt);
     this.newestAcked = Math.max(this.newestAcked, reply.frame_id);
     if (!reply.accepted) this.consumed = Math.max(this.consumed, reply.frame_id);    // overtaken on the server
     if (reply.frames) this.serverFrames = reply.frames;
@@ -499,6 +526,9 @@ class TurboLive {
         return;
       }
       this.inFlight = body.prompt_id;
+      this.submittedAt = performance.now();
+      clearTimeout(this.presend);
+      this.presend = setTimeout(() => this.capture(), Math.max(0, this.expectedMs - this.leadMs));
       this.submitted++;
       this.lastPromptKey = key;
       this.lastSubmitAt = performance.now();
@@ -539,6 +569,9 @@ class TurboLive {
       }
       this.promptFrame.delete(this.inFlight);
       this.inFlight = null;
+      const took = performance.now() - this.submittedAt;
+      this.expectedMs = this.expectedMs ? 0.8 * this.expectedMs + 0.2 * took : took;
+      this.capture();                    // no frame was sent ahead: capture one now
       this.maybeSubmit();                // the waiting input goes now, not at the next tick
     }
   }

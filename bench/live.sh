@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The live benchmark: Turbo Live against stock ComfyUI's best equivalent, through a real server, in one
+# run. Provisions the cached environment if needed; arguments go to bench/live_bench.py (--help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+exec "$COMFY_TURBO_PY" bench/live_bench.py "$@"
