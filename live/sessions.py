@@ -173,7 +173,7 @@ class SessionStore:
                     "this graph's Turbo Live nodes another session name.", status=409)
             if session.attached is not token:     # a new run numbers its frames from 1
                 session.frame, session.frame_used, session.last_frame_id = None, False, 0
-                session.run = next(_runs)
+                session.last_use, session.run = None, next(_runs)
             session.attached, session.client_id = token, client_id
             return session
 

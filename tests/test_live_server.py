@@ -251,6 +251,41 @@ def test_a_50_frame_loop_on_a_tiny_model(host, user_models):
     assert all(not history[pid]["outputs"] for pid in set(loop.prompts) & set(history))
 
 
+def test_a_live_graph_with_lora_controlnet_and_the_fast_path_changes_while_it_runs(host, model_files):
+    """Any graph that holds the live nodes: a LoRA, a ControlNet fed by the live frame, Turbo Fast Path.
+    Changing the LoRA's strength while live re-runs the graph on the same frame; a new frame runs it again."""
+    session = new_session()
+    prompt = live_twin("turbo_live_webcam", session)
+    prompt["1"]["inputs"]["ckpt_name"] = "sd-turbo-tiny.safetensors"
+    prompt.update({
+        "10": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
+                                                      "strength_clip": 1.0, "lora_name": "sd-turbo-tiny-lora.safetensors"}},
+        "11": {"class_type": "TurboFastPath", "inputs": {"model": ["10", 0], "attention": "sdpa", "sdpa_backend": "auto",
+                                                         "channels_last": True, "compile": "off"}},
+        "12": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "sd-turbo-tiny-controlnet.safetensors"}},
+        "13": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["2", 0], "negative": ["2", 0], "control_net": ["12", 0], "image": ["8", 0], "strength": 0.8,
+            "start_percent": 0.0, "end_percent": 1.0}},
+    })
+    prompt["2"]["inputs"]["clip"] = ["10", 1]
+    prompt["5"]["inputs"].update(model=["11", 0], positive=["13", 0])
+    with LiveClient(host.url, session) as client:
+        loop = LiveLoop(client, prompt)
+        loop.push_frame(encode(webcam_like(1)))
+        wait_for(loop, lambda: len(loop.outputs) == 1 and loop.in_flight is None, timeout=300)
+        without_lora = copy.deepcopy(prompt)
+        without_lora["10"]["inputs"].update(strength_model=0.0, strength_clip=0.0)
+        loop.edit(without_lora)
+        wait_for(loop, lambda: len(loop.outputs) == 2 and loop.in_flight is None, timeout=300)
+        loop.push_frame(encode(webcam_like(9)))
+        wait_for(loop, lambda: len(loop.outputs) == 3, timeout=300)
+    assert not loop.errors, loop.errors
+    first, edited, new_frame = loop.outputs
+    assert (first.frame_id, edited.frame_id, new_frame.frame_id) == (1, 1, 2)
+    assert first.metadata["turbo_live"]["fresh_frame"] and not edited.metadata["turbo_live"]["fresh_frame"]
+    assert first.image != edited.image != new_frame.image
+
+
 def test_frames_pushed_at_60_fps_into_a_slow_graph_keep_latency_flat(host, user_models):
     """Backpressure: a graph far slower than the camera. Frames that no prompt takes are dropped and counted;
     latency stays near one or two frame times instead of growing with a queue."""
@@ -370,6 +405,24 @@ def test_frames_over_http_and_raw_rgba_reach_the_graph(host):
     status = host.get_json(f"/comfy-turbo/live/{session}")
     assert status["client_id"] == host.client_id and status["frames"]["sent"] == 1
     assert requests.delete(f"{host.url}/comfy-turbo/live/{session}", timeout=10).json()["ended"]
+
+
+def test_an_unchanged_frame_leaves_the_graph_cached_and_a_new_one_runs_it(host):
+    session = new_session()
+
+    def executed() -> list[str]:
+        result = host.run(passthrough(session))
+        assert result.status == "success", result.error
+        return [e["data"]["node"] for e in result.events if e["type"] == "executing" and e["data"]["node"]]
+
+    try:
+        _post_frame(host, session, encode(id_frame(1, 64)), client_id=host.client_id)
+        assert executed() == ["1", "2"]
+        assert executed() == []                       # same frame: ComfyUI's cache answers, nothing runs
+        _post_frame(host, session, encode(id_frame(2, 64)), client_id=host.client_id)
+        assert executed() == ["1", "2"]
+    finally:
+        requests.delete(f"{host.url}/comfy-turbo/live/{session}", timeout=10)
 
 
 def test_bad_messages_on_the_live_websocket_get_errors_and_the_connection_stays(live):
