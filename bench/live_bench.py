@@ -54,6 +54,7 @@ from comfy_host import ComfyHost, default_comfyui_path  # noqa: E402
 from live_client import Http, LiveClient, LiveLoop, percentile  # noqa: E402
 
 import models as bench_models  # noqa: E402
+import report  # noqa: E402
 from run import device_name, git_commit, slug  # noqa: E402
 
 README_START, README_END = "<!-- live-figures:start -->", "<!-- live-figures:end -->"
@@ -477,9 +478,7 @@ def readme_section() -> str:
 
 
 def update_readme(readme: Path) -> None:
-    text = readme.read_text()
-    start, end = text.index(README_START), text.index(README_END)
-    readme.write_text(text[:start + len(README_START)] + "\n" + readme_section() + "\n" + text[end:])
+    report.replace_section(readme, README_START, README_END, readme_section())
 
 
 def main(argv=None) -> int:

@@ -294,10 +294,15 @@ NODES_DOC = [
 ]
 
 
-def update_readme(readme: Path) -> None:
+def replace_section(readme: Path, start_marker: str, end_marker: str, section: str) -> None:
+    """Put `section` between the two marker lines of a README."""
     text = readme.read_text()
-    start, end = text.index(README_START), text.index(README_END)
-    readme.write_text(text[:start + len(README_START)] + "\n" + readme_section() + "\n" + text[end:])
+    start, end = text.index(start_marker), text.index(end_marker)
+    readme.write_text(text[:start + len(start_marker)] + "\n" + section + "\n" + text[end:])
+
+
+def update_readme(readme: Path) -> None:
+    replace_section(readme, README_START, README_END, readme_section())
 
 
 def main(argv=None) -> int:
