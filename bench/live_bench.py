@@ -25,7 +25,7 @@ Measured, ours and stock alternating in one run:
 4. **prompt-as-you-type** (``turbo_live_txt2img``): a sentence typed at 8 characters a second;
    edit-to-pixels p50/p95, from each keystroke to the first picture that includes it.
 
-Results go to ``bench/results/live-<device>-<device model>.{json,md}``.
+Results go to ``bench/results/live/<device>-<device model>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ from run import device_name, git_commit, slug  # noqa: E402
 
 README_START, README_END = "<!-- live-figures:start -->", "<!-- live-figures:end -->"
 MD_HEADER = "# Turbo Live benchmark\n\nWritten by `bench/live.sh` (bench/live_bench.py explains the method).\n\n"
-RESULTS = REPO / "bench" / "results"
+RESULTS = REPO / "bench" / "results" / "live"      # apart from bench/run.py's results in bench/results/
 WORKFLOWS = REPO / "workflows" / "api"
 SENTENCE = "a red fox in fresh snow, golden hour"
 TYPING_CPS = 8.0                 # characters per second
@@ -467,11 +467,11 @@ def targets(r: dict) -> list[str]:
 
 
 def results_path(results: dict) -> Path:
-    return RESULTS / f"live-{results['device']}-{slug(results['device_name'])}.json"
+    return RESULTS / f"{results['device']}-{slug(results['device_name'])}.json"
 
 
 def readme_section() -> str:
-    files = sorted(RESULTS.glob("live-*.json"))
+    files = sorted(RESULTS.glob("*.json"))
     if not files:
         return "No live benchmark results are committed yet."
     return "\n\n".join(render(json.loads(f.read_text())) for f in files)
@@ -499,12 +499,12 @@ def main(argv=None) -> int:
     parser.add_argument("--typing-model", choices=sorted(CHECKPOINTS), default="sdxl-turbo")
     parser.add_argument("--typing-text", default=SENTENCE, help=f"what is typed (default {SENTENCE!r})")
     parser.add_argument("--threads", type=int, help="torch threads of the server (default: torch's choice)")
-    parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/live-<device>-<model>.json)")
-    parser.add_argument("--readme", type=Path, help="only re-render bench/results/live-*.md and this README's Live "
+    parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/live/<device>-<model>.json)")
+    parser.add_argument("--readme", type=Path, help="only re-render bench/results/live/*.md and this README's Live "
                                                      "figures from the results JSON")
     args = parser.parse_args(argv)
     if args.readme:
-        for path in RESULTS.glob("live-*.json"):
+        for path in RESULTS.glob("*.json"):
             path.with_suffix(".md").write_text(MD_HEADER + render(json.loads(path.read_text())) + "\n")
         update_readme(args.readme)
         print("updated", args.readme)

@@ -321,10 +321,12 @@ def delete_history(prompt_ids: list[str]) -> None:
 
 
 def register() -> None:
-    """Add the routes to ComfyUI's server (once; before it starts serving)."""
-    if _registered:
+    """Add the routes to ComfyUI's server (once; before it starts serving). Without a server (ComfyUI's nodes
+    imported in-process, as bench/run.py does), there is nothing to add them to."""
+    from server import PromptServer
+    if _registered or getattr(PromptServer, "instance", None) is None:
         return
-    routes = _prompt_server().routes
+    routes = PromptServer.instance.routes
     routes.get(ROUTE)(live_status)
     routes.get(ROUTE + "/{session}")(session_status)
     routes.delete(ROUTE + "/{session}")(end_session)

@@ -1,6 +1,6 @@
 """The live benchmark (bench/live_bench.py): a short real run, and the committed results behind the README.
 
-Only structure and sanity are checked, never speed: the figures live in bench/results/live-*.
+Only structure and sanity are checked, never speed: the figures live in bench/results/live/.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_live_bench_runs_ours_and_stock_side_by_side(tmp_path, model_files):
 
 def test_committed_live_results_cover_every_measurement_and_the_readme_shows_them():
     import live_bench
-    files = sorted((REPO / "bench" / "results").glob("live-*.json"))
+    files = sorted((REPO / "bench" / "results" / "live").glob("*.json"))
     assert files, "commit the CPU results of `bash bench/live.sh`"
     for path in files:
         results = json.loads(path.read_text())
