@@ -23,12 +23,12 @@ Needs ``websocket-client`` (a test/bench extra, not a dependency of the pack).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import select
 import socket
 import statistics
 import struct
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,8 +36,19 @@ from pathlib import Path
 
 import websocket  # websocket-client
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from live.protocol import pack_frame, unpack_image_with_metadata  # noqa: E402
+
+def _load_protocol():
+    """The pack's live/protocol.py (standalone: it imports nothing of the pack), loaded by its path, so that
+    no folder of the pack lands on sys.path: its nodes/ would shadow ComfyUI's own nodes module."""
+    path = Path(__file__).resolve().parent.parent / "live" / "protocol.py"
+    spec = importlib.util.spec_from_file_location("comfy_turbo_live_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_protocol = _load_protocol()
+pack_frame, unpack_image_with_metadata = _protocol.pack_frame, _protocol.unpack_image_with_metadata
 
 LIVE_ROUTE = "/comfy-turbo/live"
 

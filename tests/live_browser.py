@@ -99,12 +99,13 @@ def run_live_workflow(page, name: str, api: dict) -> None:
         prompt_box.press("End")
         prompt_box.press_sequentially(", at night", delay=40)         # 10 keystrokes while a frame runs
         final_text = prompt_box.input_value()
+        # Once the loop is idle (nothing running, no edit waiting), the picture shown is the final text's.
         after = wait_stats(page, f"s.promptId !== {first['promptId']!r} && s.submitted > {before['submitted']} "
                                  "&& !s.inFlight && !s.editWaiting")
-        # Edits made while a frame ran folded into few prompts, and the last one shows the final text.
-        assert after["submitted"] - before["submitted"] < 10, (before, after)
         shown = page.host.history(after["promptId"])["prompt"][2]
         assert [n["inputs"]["text"] for n in shown.values() if "text" in n["inputs"]] == [final_text]
+        # Edits made while a frame ran folded into few prompts.
+        assert after["submitted"] - before["submitted"] < 10, (before, after)
         text_widget = page.evaluate("() => app.graph.nodes.find(n => n.type === 'TurboTextEncode')"
                                     ".widgets.find(w => w.name === 'text').value")
         assert text_widget == final_text

@@ -203,6 +203,7 @@ def test_a_50_frame_loop_on_a_tiny_model(host, user_models):
     prompt_a = with_text(live_twin("turbo_live_webcam", session), f"an oil painting {session}")  # new to the memo
     prompt_b = with_text(prompt_a, f"a charcoal sketch {session}")
     before = files_under(host)
+    bystander = host.connect(client_id=uuid.uuid4().hex)       # another client of the same ComfyUI
     with LiveClient(host.url, session) as client:
         loop = LiveLoop(client, prompt_a)
         for frame_id in range(1, 51):
@@ -249,6 +250,17 @@ def test_a_50_frame_loop_on_a_tiny_model(host, user_models):
     assert len(set(loop.prompts) & set(history)) <= KEPT_PROMPTS
     assert set(loop.prompts[-3:]) <= set(history)
     assert all(not history[pid]["outputs"] for pid in set(loop.prompts) & set(history))
+    # The frames went to the session's own client only.
+    bystander.settimeout(0.5)
+    seen = []
+    try:
+        while True:
+            seen.append(bystander.recv())
+    except websocket.WebSocketTimeoutException:
+        pass
+    finally:
+        bystander.close()
+    assert seen and not [m for m in seen if isinstance(m, bytes)]
 
 
 def test_a_live_graph_with_lora_controlnet_and_the_fast_path_changes_while_it_runs(host, model_files):

@@ -137,6 +137,7 @@ class TurboLive {
     this.lastPromptKey = null;
     this.lastSubmitAt = 0;
     this.editedAt = null;           // first edit not yet in a submitted prompt
+    this.edits = 0;                 // edits counted, to tell those made while a prompt was being queued
     this.frameId = 0;               // the newest frame sent
     this.captured = new Map();      // frame id -> capture time
     this.newestAcked = 0;
@@ -435,7 +436,9 @@ class TurboLive {
   }
 
   noteEdit() {
-    if (this.running && this.editedAt === null) this.editedAt = performance.now();
+    if (!this.running) return;
+    this.edits++;
+    if (this.editedAt === null) this.editedAt = performance.now();
   }
 
   capture() {
@@ -463,11 +466,12 @@ class TurboLive {
     this.encoding = true;
     canvas.toBlob(async (blob) => {
       try {
-        if (!blob || !this.socket || this.socket.readyState !== WebSocket.OPEN) return;
+        const bytes = blob && await blob.arrayBuffer();
+        if (!bytes || !this.running || this.socket?.readyState !== WebSocket.OPEN) return;   // stopped meanwhile
         const frameId = ++this.frameId;
         this.captured.set(frameId, now);
         if (this.captured.size > 512) this.captured.delete(this.captured.keys().next().value);
-        this.socket.send(packFrame({ frame_id: frameId, format: "jpeg" }, await blob.arrayBuffer()));
+        this.socket.send(packFrame({ frame_id: frameId, format: "jpeg" }, bytes));
       } finally {
         this.encoding = false;
       }
@@ -507,14 +511,17 @@ class TurboLive {
     if (performance.now() - this.lastSubmitAt < 1000 / Math.max(1, Number(this.ui.fps.value) || 30)) return;
     if (this.source !== "prompt" && this.newestAcked === 0) return;      // nothing for Turbo Live Input yet
     this.submitting = true;
+    const edits = this.edits, editedAt = this.editedAt, frameId = this.frameId;
+    // Edits made from here on are not in this prompt: they stay waiting for the next one.
+    const settle = () => { this.editedAt = this.edits === edits ? null : performance.now(); };
     try {
       this.syncWithGraph();
       const { output } = await app.graphToPrompt();
       const key = JSON.stringify(output);
       // A prompt goes as soon as its frame is sent: the server decodes the frame while it validates the
       // prompt, and the prompt waits for the frame.
-      const frameWaiting = this.source !== "prompt" && this.frameId > this.consumed;
-      if (key === this.lastPromptKey && !frameWaiting) { this.editedAt = null; return; }
+      const frameWaiting = this.source !== "prompt" && frameId > this.consumed;
+      if (key === this.lastPromptKey && !frameWaiting) { settle(); return; }
       const response = await api.fetchApi("/prompt", {
         method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ client_id: api.clientId, prompt: output }) });
@@ -532,9 +539,9 @@ class TurboLive {
       this.submitted++;
       this.lastPromptKey = key;
       this.lastSubmitAt = performance.now();
-      this.promptInputTime.set(body.prompt_id, this.editedAt);
-      this.promptFrame.set(body.prompt_id, this.frameId);
-      this.editedAt = null;
+      this.promptInputTime.set(body.prompt_id, editedAt);
+      this.promptFrame.set(body.prompt_id, frameId);
+      settle();
     } catch (error) {
       this.stop(`Could not reach ComfyUI to queue the graph (${error?.message ?? error}): was the server stopped? ` +
         "Live stopped.");
