@@ -47,14 +47,19 @@ def model_files() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI imported in this process (CPU), for tests that count calls or read internals."""
+    # ComfyUI first on sys.path, wherever it already is: its nodes.py must win over this repo's nodes/
+    # package (`python -m pytest` run from the repo root puts the root on sys.path).
     path = str(comfyui_path())
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    while path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
     import comfy.sd  # noqa: F401
     import comfy.samplers  # noqa: F401
+    import nodes
+    assert Path(nodes.__file__).parent == Path(path), f"`nodes` is {nodes.__file__}, not ComfyUI's"
     return sys.modules["comfy"]
 
 
