@@ -2,8 +2,10 @@
 from .schedule import (
     NUM_TRAIN_TIMESTEPS,
     SPACINGS,
+    STRENGTH_MODES,
     TurboScheduleError,
     effective_steps,
+    exact_timesteps,
     scaled_linear_sigmas,
     stability_timesteps,
     trailing_timesteps,
@@ -19,7 +21,7 @@ from .euler import (
 )
 
 __all__ = [
-    "NUM_TRAIN_TIMESTEPS", "SPACINGS", "TurboScheduleError", "effective_steps",
+    "NUM_TRAIN_TIMESTEPS", "SPACINGS", "STRENGTH_MODES", "TurboScheduleError", "effective_steps", "exact_timesteps",
     "scaled_linear_sigmas", "stability_timesteps", "trailing_timesteps", "turbo_sigmas",
     "turbo_timesteps", "NOISE_SCALES", "ancestral_step", "initial_noise_scale",
     "sample_turbo_euler", "seeded_noise_sampler",

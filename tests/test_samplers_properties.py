@@ -49,6 +49,52 @@ def test_valid_inputs_give_well_formed_sigmas(steps, strength, spacing):
         assert 1 <= len(values) - 1 <= steps
 
 
+@settings(max_examples=400, deadline=None)
+@given(steps=steps_st, strength=strength_st)
+def test_exact_strength_always_runs_every_step_from_the_timestep_strength_selects(steps, strength):
+    if 1000 * strength < steps:
+        try:
+            s.turbo_sigmas(table_sigma, steps, strength, "trailing", "exact")
+        except s.TurboScheduleError as e:
+            assert "strength" in str(e)
+            return
+        raise AssertionError("expected TurboScheduleError")
+    timesteps = s.turbo_timesteps(steps, strength, "trailing", "exact")
+    assert len(timesteps) == steps                                          # never fewer, never none
+    assert timesteps[0] == round(1000 * strength) - 1                       # where strength points
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:])) and timesteps[-1] >= 0
+    sigmas = s.turbo_sigmas(table_sigma, steps, strength, "trailing", "exact").tolist()
+    assert len(sigmas) == steps + 1 and sigmas[-1] == 0.0
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    if strength == 1.0:
+        assert timesteps == s.trailing_timesteps(steps)
+
+
+@settings(max_examples=400, deadline=None)
+@given(steps=steps_st, total=st.integers(min_value=1, max_value=1000))
+def test_exact_strength_is_the_reference_where_steps_over_strength_is_whole(steps, total):
+    """steps / strength = N whole: exact mode is diffusers' schedule at N steps, wherever the reference's own
+    int(N * strength) gives those steps (floating point makes it drop one for some N, e.g. 49 * (1/49))."""
+    strength = steps / max(total, steps)
+    n = round(steps / strength)
+    if int(n * strength) != steps:
+        return
+    assert s.turbo_timesteps(steps, strength, "trailing", "exact") == s.turbo_timesteps(n, strength)
+
+
+def test_exact_strength_examples():
+    assert s.exact_timesteps(2, 0.3) == [299, 149]                          # the issue's example
+    assert s.exact_timesteps(1, 0.3) == [299] and s.exact_timesteps(4, 1.0) == [999, 749, 499, 249]
+    assert s.exact_timesteps(2, 2 / 3) == [666, 332] == s.turbo_timesteps(3, 2 / 3)
+    for bad_mode in ("linear", None):
+        try:
+            s.turbo_timesteps(2, 0.5, "trailing", bad_mode)
+        except s.TurboScheduleError as e:
+            assert "strength_mode" in str(e)
+        else:
+            raise AssertionError(bad_mode)
+
+
 @settings(max_examples=200, deadline=None)
 @given(steps=st.integers(min_value=1, max_value=1000))
 def test_trailing_timesteps_for_any_step_count(steps):
