@@ -11,5 +11,7 @@ WEB_DIRECTORY = "./web"
 async def comfy_entrypoint():
     from .extension import TurboExtension
     from .live import server as live_server
-    live_server.register()
+    from .nodes import ksampler_names
+    ksampler_names.register()            # turbo_trailing, turbo_euler(_ancestral) for KSampler & co.
+    live_server.register()               # the Turbo Live routes
     return TurboExtension()
