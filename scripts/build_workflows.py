@@ -113,6 +113,17 @@ SPECS = [
     Spec("turbo_batch4", "SD-Turbo: a batch of 4",
          "*Empty Latent Image* with batch size 4: four images from one queue press, each with its own noise.",
          [["note", "1"], ["2", "3", "4"], ["5"], ["6", "7"]]),
+    Spec("turbo_hires_fix", "SDXL-Turbo hires fix: 512, then 2x with a second pass",
+         "Turbo models make doubled subjects when asked for 1024 directly. This makes the picture at the native "
+         "512x512, upscales it 2x (core *Upscale Image By*, Lanczos; swap in *Load Upscale Model* + *Upscale Image "
+         "(using Model)* if you have an upscaler), and redraws it at 1024 with 2 steps at strength 0.5 in "
+         "'exact' strength mode (t=499, 249): the composition stays, the detail is new.",
+         [["note", "1"], ["2", "3", "4"], ["5", "6"], ["16", "17", "18"], ["19", "20"], ["7"]]),
+    Spec("turbo_inpaint", "SDXL-Turbo inpainting",
+         "Right-click *Load Image* and choose *Open in MaskEditor*: paint where the picture should change. "
+         "*Set Latent Noise Mask* keeps everything outside the mask exactly as it was; inside, 2 steps redraw it "
+         "from the prompt. The pack's sampler runs ComfyUI's own masked sampling, one UNet call per step.",
+         [["note", "1", "8"], ["2", "9", "21"], ["4", "5"], ["6", "7"]]),
     Spec("turbo_live_txt2img", "Turbo Live: type a prompt and watch (SDXL-Turbo)",
          "Press **Live** in the *Turbo Live* panel (it opens with this graph), then type in its prompt box: "
          "every edit re-runs the graph, edits made while a frame runs fold into one follow-up, and the "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -268,7 +269,8 @@ def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
         " return imgs?.length === n && imgs.every(i => i.complete && i.naturalWidth > 0); }",
         arg=[int(save_id), batch])
     widths = page.evaluate(f"() => app.graph.getNodeById({int(save_id)}).imgs.map(i => i.naturalWidth)")
-    assert widths == [TEST_SIZE] * batch
+    upscale = math.prod(n["inputs"]["scale_by"] for n in api.values() if n["class_type"] == "ImageScaleBy")
+    assert widths == [round(TEST_SIZE * upscale)] * batch
     assert page.notices(RUN_NOTICE_ROLES) == []
     assert page.problems == []
 

@@ -38,7 +38,7 @@ def test_the_gallery_has_every_workflow_of_the_issue():
     assert NAMES == sorted([
         "turbo_txt2img", "turbo_txt2img_sd", "turbo_img2img", "turbo_lora_stack", "turbo_controlnet_canny",
         "turbo_taesd_fast_decode", "turbo_taesdxl_fast_decode", "turbo_4step_quality", "turbo_batch4",
-        "turbo_live_txt2img", "turbo_live_webcam", "turbo_live_paint"])
+        "turbo_hires_fix", "turbo_inpaint", "turbo_live_txt2img", "turbo_live_webcam", "turbo_live_paint"])
     assert sorted(p.name for p in (UI_DIR / "api").glob("*.json")) == sorted(f"{n}_api.json" for n in NAMES)
 
 
@@ -293,9 +293,10 @@ def _check_twin_run(host, name, prompt):
 # The LoRA, ControlNet and TAESD twins run first thing in their own tests below, right before their
 # variants, so the server patches the LoRAs / loads the ControlNet once. The order keeps consecutive
 # prompts on one checkpoint (SD-Turbo, SDXL-Turbo, then its LoRA, ControlNet and TAESDXL, then TAESD).
-# The live twins send their image to a live client, not a file: tests/test_live_server.py runs them.
+# The live twins send their image to a live client, not a file: tests/test_live_server.py runs them. The
+# hires fix (two passes, twice the size) runs in tests/test_reach.py.
 RUN_IN_OWN_TEST = ("turbo_lora_stack", "turbo_controlnet_canny", "turbo_taesdxl_fast_decode",
-                   "turbo_taesd_fast_decode", *live_names())
+                   "turbo_taesd_fast_decode", "turbo_hires_fix", *live_names())
 
 
 @pytest.mark.parametrize("name", [n for n in gallery_names_by_checkpoint() if n not in RUN_IN_OWN_TEST])
