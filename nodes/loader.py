@@ -1,6 +1,7 @@
 """Turbo checkpoint loader: ComfyUI's own single-file loading, restricted to the Turbo families."""
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ TURBO_VARIANTS = {
     "KOALA_1B": "sdxl-turbo",
 }
 NATIVE_RESOLUTION = 512  # both SD-Turbo and SDXL-Turbo were distilled at 512x512
+_HAS_DYNAMIC_VRAM = "disable_dynamic" in inspect.signature(comfy.sd.load_state_dict_guess_config).parameters
 WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -94,12 +96,7 @@ def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default") -> Turb
         raise TurboError(
             f"'{name}' is a {family} checkpoint, not SD-Turbo (SD 2.1 family) or SDXL-Turbo (SDXL family). "
             "Load it with the core 'Load Checkpoint' node, or pick an SD-Turbo / SDXL-Turbo file.")
-    model_options = {}
-    if WEIGHT_DTYPES[weight_dtype] is not None:
-        model_options["dtype"] = WEIGHT_DTYPES[weight_dtype]
-    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-        sd, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
-        model_options=model_options, metadata=metadata)
+    model, clip, vae = _load_parts(sd, metadata, weight_dtype, output_clip=True, output_vae=True)
     if clip is None:
         raise TurboError(
             f"'{name}' has no text encoder weights. Use a full SD-Turbo / SDXL-Turbo checkpoint, or load this "
@@ -109,7 +106,49 @@ def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default") -> Turb
             f"'{name}' has no VAE weights. Use a full SD-Turbo / SDXL-Turbo checkpoint, or add a core "
             "'Load VAE' node (e.g. sdxl_vae.safetensors, or taesd/taesdxl) and decode with it.")
     force_epsilon(model)
+    _register_reload(ckpt_path, weight_dtype, model, clip, vae)
     return TurboCheckpoint(model=model, clip=clip, vae=vae, variant=variant, family=family)
+
+
+def _load_parts(sd: dict, metadata, weight_dtype: str, output_clip: bool, output_vae: bool,
+                output_model: bool = True, disable_dynamic: bool = False):
+    """(model, clip, vae) from ComfyUI's own single-file loader."""
+    model_options = {}
+    if WEIGHT_DTYPES[weight_dtype] is not None:
+        model_options["dtype"] = WEIGHT_DTYPES[weight_dtype]
+    # ComfyUI 0.33 loads into dynamic-VRAM patchers unless told not to; 0.3.75 has no such argument
+    # (and no dynamic patchers).
+    extra = {"disable_dynamic": True} if disable_dynamic and _HAS_DYNAMIC_VRAM else {}
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=output_vae, output_clip=output_clip, output_model=output_model,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        model_options=model_options, metadata=metadata, **extra)
+    return model, clip, vae
+
+
+def reload_turbo_part(ckpt_path: str, weight_dtype: str, part: str, disable_dynamic: bool = False):
+    """A fresh patcher for one part ("model", "clip" or "vae") of a Turbo checkpoint.
+
+    This is the ``cached_patcher_init`` factory of everything ``load_turbo_checkpoint`` returns, as core
+    ``load_checkpoint_guess_config`` registers its own: ComfyUI 0.33 calls it to make a non-dynamic
+    copy (``clone(disable_dynamic=True)``, which Turbo Fast Path and core TorchCompileModel use) and
+    per-GPU copies. ComfyUI 0.3.75 never calls it.
+    """
+    sd, metadata = comfy.utils.load_torch_file(ckpt_path, safe_load=True, return_metadata=True)
+    model, clip, vae = _load_parts(sd, metadata, weight_dtype, output_clip=part == "clip", output_vae=part == "vae",
+                                   output_model=part == "model", disable_dynamic=disable_dynamic)
+    if part == "model":
+        force_epsilon(model)
+    patcher = {"model": model, "clip": getattr(clip, "patcher", None), "vae": getattr(vae, "patcher", None)}[part]
+    patcher.cached_patcher_init = (reload_turbo_part, (ckpt_path, weight_dtype, part))
+    return patcher
+
+
+def _register_reload(ckpt_path: str, weight_dtype: str, model, clip, vae) -> None:
+    for part, patcher in (("model", model), ("clip", getattr(clip, "patcher", None)),
+                          ("vae", getattr(vae, "patcher", None))):
+        if patcher is not None:
+            patcher.cached_patcher_init = (reload_turbo_part, (ckpt_path, weight_dtype, part))
 
 
 class TurboCheckpointLoader(io.ComfyNode):
