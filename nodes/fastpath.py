@@ -23,11 +23,20 @@ weight patches, ControlNet residuals, model management and Cancel keep working:
   patched and unpatched weights look alike to dynamo's guards. On the CPU inductor's convolution
   layout optimisation is turned off (see ``inductor_options``).
 
-CUDA graph capture (``mode="reduce-overhead"``) is deliberately not offered: ComfyUI replaces weight
-tensors when it patches a LoRA, which a captured graph would not see. It is left for a GPU session.
+* stable weight storage: the clone patches LoRAs in place (ComfyUI's ``weight_inplace_update``:
+  ``param.data.copy_`` instead of a new Parameter) and stays resident on its load device (unpatching
+  does not move it to the offload device), so every UNet weight keeps its address across LoRA and
+  strength changes. On ComfyUI 0.33 the clone also opts out of dynamic VRAM (per-call LoRA patches),
+  as core ``TorchCompileModel`` does, with ``clone(disable_dynamic=True)``.
+* CUDA graphs (``cuda_graphs``): each ``apply_model`` call is captured once per input signature and
+  replayed (samplers/cuda_graphs.py), ControlNet residuals copied into static buffers, the weights'
+  addresses checked before every replay (a mismatch re-captures). Needs a CUDA device; ComfyUI's
+  ``--disable-cuda-graphs`` turns it off. Calls with attention patches (IPAdapter and the like) or a
+  partially loaded (low-VRAM) model run without a graph.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -38,12 +47,16 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS, apply_torch_compile_factory
 
+from ..samplers.cuda_graphs import GraphCache
 from .errors import TurboError
+
+log = logging.getLogger("comfy_turbo")
 
 ATTENTION = ("sdpa", "comfy")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 COMPILE_MODES = {"off": None, "inductor": "default", "inductor-max-autotune": "max-autotune-no-cudagraphs"}
 WRAPPER_KEY = "comfy-turbo.fastpath"
+GRAPHS_KEY = "comfy-turbo.cuda_graphs"
 
 _conv_weights: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
@@ -115,29 +128,120 @@ def compiled_unet(diffusion_model: torch.nn.Module, mode: str, device="cuda"):
     return memo[mode]
 
 
+class WeightPointers:
+    """The data pointers of every parameter and buffer of a BaseModel (UNet and model_sampling).
+
+    The modules' own parameter and buffer dicts are listed once and read directly (0.5 ms for SDXL's
+    1680 weights on a slow CPU core; ``getattr`` costs ten times that). ComfyUI's patching replaces
+    tensors in those same dicts; an object patch that swaps a whole submodule changes the ids in the
+    graph key instead.
+    """
+
+    def __init__(self, base_model: torch.nn.Module):
+        self.entries = []
+        for module in base_model.modules():
+            self.entries.extend((module._parameters, name) for name, p in module._parameters.items() if p is not None)
+            self.entries.extend((module._buffers, name) for name, b in module._buffers.items() if b is not None)
+
+    def __call__(self) -> tuple:
+        return tuple(0 if (t := d.get(n)) is None else t.data_ptr() for d, n in self.entries)
+
+
+def _graph_state(base_model) -> dict:
+    """The graph caches of one loaded model, kept on it so that every clone shares them."""
+    return base_model.__dict__.setdefault("_comfy_turbo_graphs", {})
+
+
+def graph_cache(base_model, backend=None) -> GraphCache:
+    state = _graph_state(base_model)
+    key = id(backend) if backend is not None else "cuda"
+    if key not in state:
+        state[key] = GraphCache(backend=backend)
+    return state[key]
+
+
+def graph_refusal(base_model, transformer_options: dict) -> str | None:
+    """Why this call must run without a graph, or None."""
+    if getattr(base_model, "model_lowvram", False):
+        return "the model is only partly loaded (low VRAM), so its weights are cast or patched per call"
+    for key in ("patches", "patches_replace"):
+        if transformer_options.get(key):
+            return f"the model carries attention patches (transformer_options['{key}']: {sorted(transformer_options[key])})"
+    return None
+
+
+def _cuda_graph_wrapper(settings: tuple, backend=None):
+    """An APPLY_MODEL wrapper replaying one CUDA graph per input signature (samplers/cuda_graphs.py)."""
+    reported = set()
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        base = executor.class_obj
+        reason = graph_refusal(base, transformer_options)
+        if reason is not None:
+            if reason not in reported:
+                reported.add(reason)
+                log.info("comfy-turbo: Turbo Fast Path runs this model without CUDA graphs: %s.", reason)
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        pointers = base.__dict__.get("_comfy_turbo_weight_pointers")
+        if pointers is None:
+            pointers = base.__dict__["_comfy_turbo_weight_pointers"] = WeightPointers(base)
+
+        def call(x, t, c_concat, c_crossattn, control, **kw):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+        extra_key = (settings, id(base.diffusion_model), id(base.model_sampling), torch.is_inference_mode_enabled())
+        return graph_cache(base, backend)(call, pointers, (x, t, c_concat, c_crossattn, control), kwargs, extra_key)
+    return wrapper
+
+
+def cuda_graphs_unavailable(load_device) -> str | None:
+    """Why CUDA graphs cannot be used for a model on ``load_device``, or None."""
+    import comfy.cli_args
+    if getattr(comfy.cli_args.args, "disable_cuda_graphs", False):
+        return "ComfyUI was started with --disable-cuda-graphs"
+    if torch.device(load_device).type != "cuda" or not torch.cuda.is_available():
+        return f"CUDA graphs need a CUDA GPU, and this model runs on '{load_device}'"
+    return None
+
+
+def keep_weights_in_place(m) -> None:
+    """Make every LoRA / strength change of patcher ``m`` an in-place copy into the same tensors."""
+    m.weight_inplace_update = True         # patch with copy_to_param, restore backups in place
+    m.offload_device = m.load_device       # unpatching would otherwise move the model (new storage)
+
+
 def apply_fast_path(model, attention: str = "sdpa", sdpa_backend: str = "auto", channels_last: bool = True,
-                    compile: str = "off"):
+                    compile: str = "off", cuda_graphs: bool = False, graph_backend=None):
     """A clone of ``model`` (a ModelPatcher) with the fast path attached.
 
     ``model`` itself keeps its options; the UNet weights it shares with the clone may change layout
-    (channels_last) and lose ``requires_grad`` (compile), never value.
+    (channels_last) and lose ``requires_grad`` (compile), never value. ``graph_backend`` replaces
+    ``torch.cuda.CUDAGraph`` (tests emulate capture on the CPU with it).
     """
     for value, allowed, what in ((attention, ATTENTION, "attention"), (sdpa_backend, SDPA_BACKENDS, "sdpa_backend"),
                                  (compile, tuple(COMPILE_MODES), "compile")):
         if value not in allowed:
             raise TurboError(f"Unknown {what} {value!r}: use one of {', '.join(allowed)}.")
-    m = model.clone()
+    # ComfyUI 0.33 may hand us a dynamic-VRAM patcher, which patches LoRAs per call: opt out, like core
+    # TorchCompileModel (the loader registers the cached_patcher_init this needs). 0.3.75 has no such patcher.
+    m = model.clone(disable_dynamic=True) if getattr(model, "is_dynamic", lambda: False)() else model.clone()
+    keep_weights_in_place(m)
     transformer_options = m.model_options.setdefault("transformer_options", {})
     if attention == "sdpa":
         transformer_options["optimized_attention_override"] = sdpa_attention
-    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    # Wrappers run in the order added, outermost first: fast path, graphs, then our compile (if any).
+    mode = COMPILE_MODES[compile]
+    for key in (WRAPPER_KEY, GRAPHS_KEY) + ((COMPILE_KEY,) if mode is not None else ()):
+        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
     if channels_last or sdpa_backend != "auto":
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                _fastpath_wrapper(channels_last, sdpa_backend))
-    mode = COMPILE_MODES[compile]
+    if cuda_graphs and (graph_backend is not None or cuda_graphs_unavailable(m.load_device) is None):
+        settings = (attention, sdpa_backend, channels_last, compile)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, GRAPHS_KEY,
+                               _cuda_graph_wrapper(settings, graph_backend))
     if mode is not None:
         compiled = compiled_unet(m.get_model_object("diffusion_model"), mode, m.load_device)
-        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY,
                                apply_torch_compile_factory({"diffusion_model": compiled}))
         m.model_options[TORCH_COMPILE_KWARGS] = {"backend": "inductor", "mode": None, "fullgraph": False,
@@ -175,11 +279,37 @@ class TurboFastPath(io.ComfyNode):
                                        "size/batch compiles for a minute or more; later ones are faster. Needs a "
                                        "C++ compiler on the CPU, Triton on the GPU. 'inductor-max-autotune' "
                                        "compiles longer and may run faster. Off by default."),
+                io.Boolean.Input("cuda_graphs", default=False, optional=True,
+                                 tooltip="CUDA GPUs: record each UNet call once per shape as a CUDA graph and "
+                                         "replay it, removing the per-kernel launch cost. The first image per "
+                                         "shape runs normally, the second records. LoRA and strength changes "
+                                         "replay the same graph (weights are patched in place); ControlNet works. "
+                                         "On the CPU, or with --disable-cuda-graphs, the fast path runs without "
+                                         "graphs."),
             ],
             outputs=[io.Model.Output(tooltip="The same model with the fast path attached, for Turbo Sampler "
                                              "or SamplerCustom.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, attention="sdpa", sdpa_backend="auto", channels_last=True, compile="off") -> io.NodeOutput:
-        return io.NodeOutput(apply_fast_path(model, attention, sdpa_backend, channels_last, compile))
+    def execute(cls, model, attention="sdpa", sdpa_backend="auto", channels_last=True, compile="off",
+                cuda_graphs=False) -> io.NodeOutput:
+        if cuda_graphs:
+            reason = cuda_graphs_unavailable(model.load_device)
+            if reason is not None:
+                tell_user(f"CUDA graphs are off: {reason}. The fast path runs without them (same images).",
+                          cls.hidden.unique_id if cls.hidden is not None else None)
+        return io.NodeOutput(apply_fast_path(model, attention, sdpa_backend, channels_last, compile, cuda_graphs))
+
+
+def tell_user(message: str, node_id) -> None:
+    """Log ``message`` and show it on the node in the web UI (ComfyUI's progress text, where it exists)."""
+    log.warning("comfy-turbo: Turbo Fast Path: %s", message)
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+    except Exception:
+        return
+    if node_id is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(message, node_id)

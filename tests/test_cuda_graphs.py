@@ -1,0 +1,271 @@
+"""Stable weight storage, dynamic-VRAM opt-out and CUDA graphs on Turbo Fast Path (CPU).
+
+This machine has no GPU, so capture and replay are emulated by ``EmulatedGraphs``: "capture" keeps
+the call on its static buffers, "replay" runs it again on whatever the buffers then hold and writes
+into the captured output, and it raises if asked to replay after the weights moved (what a real graph
+would silently get wrong). Everything around it is real: ComfyUI's sampler, LoRA patching,
+ControlNet residuals, the graph cache's keys, buffer copies and pointer checks.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+import torch
+
+from workflow_utils import SD_TURBO, SDXL_TURBO
+
+LATENT = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    import comfy_turbo.nodes.fastpath as fastpath
+    import comfy_turbo.nodes.loader as loader
+    import comfy_turbo.nodes.prompt_cache as prompt_cache
+    import comfy_turbo.nodes.sampler as sampler
+    import comfy_turbo.nodes.scheduler as scheduler
+    import comfy_turbo.samplers.cuda_graphs as cuda_graphs
+    return type("Pack", (), dict(fastpath=fastpath, loader=loader, prompt_cache=prompt_cache, sampler=sampler,
+                                 scheduler=scheduler, cuda_graphs=cuda_graphs))
+
+
+def load(pack, model_files, name):
+    """A fresh checkpoint, loaded under inference_mode as ComfyUI's executor loads it."""
+    with torch.inference_mode():
+        return pack.loader.load_turbo_checkpoint(str(model_files[name]))
+
+
+def lora_for(model_files, name, model, strength):
+    import comfy.sd
+    import comfy.utils
+    lora = comfy.utils.load_torch_file(str(model_files[name.replace(".safetensors", "-lora.safetensors")]))
+    unet_only = {k: v for k, v in lora.items() if not k.startswith("lora_te")}
+    return comfy.sd.load_lora_for_models(model, None, unet_only, strength, 0.0)[0]
+
+
+def with_control(model_files, name, cond, strength=1.0):
+    import comfy.controlnet
+    cnet = comfy.controlnet.load_controlnet(str(model_files[name.replace(".safetensors", "-controlnet.safetensors")]))
+    hint = torch.rand(1, 3, LATENT * 8, LATENT * 8, generator=torch.Generator().manual_seed(5))
+    control = cnet.copy().set_cond_hint(hint, strength, (0.0, 1.0))
+    return [[emb, {**opts, "control": control, "control_apply_to_uncond": False}] for emb, opts in cond]
+
+
+def sample(pack, model, cond, steps=2, seed=7):
+    with torch.inference_mode():
+        sigmas = pack.scheduler.turbo_model_sigmas(model, steps)
+        latent = {"samples": torch.zeros(1, 4, LATENT, LATENT)}
+        return pack.sampler.turbo_sample(model, cond, latent, sigmas, seed)["samples"]
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-3)
+
+
+def rel_change(a, b):
+    return ((a - b).abs().mean() / b.abs().mean()).item()
+
+
+class EmulatedGraphs:
+    """``torch.cuda.CUDAGraph`` semantics on the CPU, for GraphCache's ``backend``."""
+
+    def __init__(self, weight_pointers=None):
+        self.weight_pointers = weight_pointers
+        self.captured = 0
+
+    def capture(self, run):
+        output = run()
+        self.captured += 1
+        return {"run": run, "output": output,
+                "pointers": self.weight_pointers() if self.weight_pointers else None}, output
+
+    def replay(self, graph):
+        if self.weight_pointers is not None and self.weight_pointers() != graph["pointers"]:
+            raise AssertionError("replayed a graph whose weights have moved: a real graph would read stale memory")
+        with torch.inference_mode(graph["output"].is_inference()):
+            graph["output"].copy_(graph["run"]())
+
+
+# -- GraphCache alone ------------------------------------------------------------------------------
+
+def test_graph_cache_warms_up_captures_replays_and_copies_inputs(pack):
+    weight = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    holder = {"w": weight}
+    backend = EmulatedGraphs(lambda: (holder["w"].data_ptr(),))
+    cache = pack.cuda_graphs.GraphCache(backend=backend)
+
+    def fn(x, control=None, scale=1.0):
+        out = x @ holder["w"] * scale
+        return out if control is None else out + control["middle"][0]
+
+    pointers = lambda: (holder["w"].data_ptr(),)
+    for i in range(4):
+        x = torch.randn(2, 4)
+        assert torch.equal(cache(fn, pointers, (x,), {}), fn(x))
+    assert cache.stats == {"warmups": 1, "captures": 1, "replays": 3}
+
+    control = {"input": [None], "middle": [torch.randn(2, 4)]}
+    x = torch.randn(2, 4)
+    for _ in range(3):                                   # a new input structure: its own graph
+        control["middle"][0] = torch.randn(2, 4)
+        assert torch.equal(cache(fn, pointers, (x,), {"control": control}), fn(x, control))
+    cache(fn, pointers, (x,), {"scale": 2.0})                 # a plain value is part of the key
+    assert cache.stats["captures"] == 2 and cache.stats["warmups"] == 3
+    for _ in range(2):                                   # a new shape: warmed up, then its own graph
+        y = torch.randn(3, 4)
+        assert torch.equal(cache(fn, pointers, (y,), {}), fn(y))
+    assert cache.stats["captures"] == 3 and cache.stats["warmups"] == 4
+
+    holder["w"].data.copy_(torch.randn(4, 4))             # in place: same graph, new values
+    assert torch.equal(cache(fn, pointers, (x,), {}), fn(x)) and cache.stats["recaptures"] == 0
+    holder["w"] = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)   # replaced: re-capture
+    assert torch.equal(cache(fn, pointers, (x,), {}), fn(x)) and cache.stats["recaptures"] == 1
+
+
+def test_graph_cache_runs_uncapturable_calls_eagerly(pack, caplog):
+    cache = pack.cuda_graphs.GraphCache(backend=EmulatedGraphs())
+    x = torch.randn(3)
+    assert torch.equal(cache(lambda x, f: f(x), lambda: (), (x, torch.sin), {}), torch.sin(x))
+    assert cache.stats == {"eager": 1}
+
+    class Refusing(EmulatedGraphs):
+        def capture(self, run):
+            raise RuntimeError("operation not permitted when stream is capturing")
+    cache = pack.cuda_graphs.GraphCache(backend=Refusing())
+    with caplog.at_level(logging.WARNING, logger="comfy_turbo"):
+        for _ in range(3):
+            assert torch.equal(cache(torch.cos, lambda: (), (x,), {}), torch.cos(x))
+    assert cache.stats == {"warmups": 1, "eager": 2} and "cannot be captured" in caplog.text
+    assert caplog.text.count("cannot be captured") == 1
+
+
+def test_graph_cache_keeps_at_most_capacity_graphs(pack):
+    cache = pack.cuda_graphs.GraphCache(capacity=2, backend=EmulatedGraphs())
+    for n in (1, 2, 3, 1):
+        for _ in range(2):
+            cache(torch.neg, lambda: (), (torch.ones(n),), {})
+    assert len(cache.graphs) == 2 and cache.stats["captures"] == 4     # n=1 was dropped, then captured again
+
+
+# -- stable weight storage -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [SD_TURBO, SDXL_TURBO])
+def test_lora_changes_keep_every_weight_in_place_on_the_fast_path(pack, model_files, name):
+    fast_ckpt, plain_ckpt = load(pack, model_files, name), load(pack, model_files, name)
+    cond = pack.prompt_cache.encode(fast_ckpt.clip, "a photo of a cat")
+    fast = pack.fastpath.apply_fast_path(fast_ckpt.model)
+    assert fast.weight_inplace_update and fast.offload_device == fast.load_device
+    pointers = pack.fastpath.WeightPointers(fast_ckpt.model.model)
+    plain_pointers = pack.fastpath.WeightPointers(plain_ckpt.model.model)
+
+    close(sample(pack, fast, cond), first_plain := sample(pack, plain_ckpt.model, cond))
+    fast_start, plain_start = pointers(), plain_pointers()
+    plain_moved = False
+    for strength in (1.0, 0.5, None, 1.0, -0.7):        # None: the LoRA removed again
+        fast_model = fast if strength is None else lora_for(model_files, name, fast, strength)
+        plain_model = plain_ckpt.model if strength is None else lora_for(model_files, name, plain_ckpt.model, strength)
+        ours, reference = sample(pack, fast_model, cond), sample(pack, plain_model, cond)
+        close(ours, reference)
+        if strength is not None:
+            assert rel_change(ours, first_plain) > 0.01, "the LoRA did not apply"
+        assert pointers() == fast_start, f"a UNet weight moved at LoRA strength {strength}"
+        plain_moved |= plain_pointers() != plain_start
+    assert plain_moved, "the plain path also kept its pointers: this test would not see a moved weight"
+
+
+# -- ComfyUI 0.33's dynamic VRAM -------------------------------------------------------------------
+
+def test_loader_registers_reload_factories_and_fast_path_opts_out_of_dynamic_vram(pack, model_files):
+    import comfy.model_patcher
+    ckpt = load(pack, model_files, SD_TURBO)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    for patcher, part in ((ckpt.model, "model"), (ckpt.clip.patcher, "clip"), (ckpt.vae.patcher, "vae")):
+        factory, args = patcher.cached_patcher_init
+        assert factory is pack.loader.reload_turbo_part and args[-1] == part
+    fresh = pack.loader.reload_turbo_part(*ckpt.model.cached_patcher_init[1], disable_dynamic=True)
+    reference = ckpt.model.model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in fresh.model.state_dict().items())
+    assert fresh.model.model_type == ckpt.model.model.model_type       # epsilon forced again
+
+    if "disable_dynamic" in inspect.signature(comfy.model_patcher.ModelPatcher.clone).parameters:   # 0.33
+        ckpt.model.is_dynamic = lambda: True       # what a dynamic-VRAM patcher reports; --cpu never makes one
+        fast = pack.fastpath.apply_fast_path(ckpt.model)
+        del ckpt.model.is_dynamic
+        assert type(fast) is comfy.model_patcher.ModelPatcher and not fast.is_dynamic()
+        assert fast.model is not ckpt.model.model, "the non-dynamic delegate is reloaded through cached_patcher_init"
+    else:                                          # 0.3.75: no dynamic VRAM, a plain clone
+        fast = pack.fastpath.apply_fast_path(ckpt.model)
+        assert fast.model is ckpt.model.model
+    close(sample(pack, fast, cond), sample(pack, ckpt.model, cond))
+
+
+# -- CUDA graphs -----------------------------------------------------------------------------------
+
+def test_cuda_graphs_off_on_the_cpu_with_a_message(comfy, pack, model_files, caplog, monkeypatch):
+    ckpt = load(pack, model_files, SD_TURBO)
+    with caplog.at_level(logging.WARNING, logger="comfy_turbo"):
+        model = pack.fastpath.TurboFastPath.execute(ckpt.model, cuda_graphs=True).result[0]
+    assert "CUDA graphs need a CUDA GPU" in caplog.text and "runs without them" in caplog.text
+    assert not model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, pack.fastpath.GRAPHS_KEY)
+    monkeypatch.setattr(comfy.cli_args.args, "disable_cuda_graphs", True, raising=False)
+    assert pack.fastpath.cuda_graphs_unavailable("cuda:0") == "ComfyUI was started with --disable-cuda-graphs"
+
+
+@pytest.mark.parametrize("name", [SD_TURBO, SDXL_TURBO])
+def test_cuda_graphs_replay_through_lora_and_controlnet_changes(pack, model_files, name):
+    ckpt = load(pack, model_files, name)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    base = ckpt.model.model
+    backend = EmulatedGraphs(pack.fastpath.WeightPointers(base))
+    graphed = pack.fastpath.apply_fast_path(ckpt.model, cuda_graphs=True, graph_backend=backend)
+    eager = pack.fastpath.apply_fast_path(ckpt.model)          # same weights, same kernels, no graph
+    stats = pack.fastpath.graph_cache(base, backend).stats
+
+    def same(model_graphed, model_eager, c):
+        torch.testing.assert_close(sample(pack, model_graphed, c), sample(pack, model_eager, c), rtol=0, atol=1e-6)
+
+    same(graphed, eager, cond)              # step 1 warms up, step 2 captures and replays
+    same(graphed, eager, cond)
+    assert stats["captures"] == 1 and stats["replays"] == 3 and stats["recaptures"] == 0
+
+    for strength in (1.0, 0.4):             # in-place LoRA patches: the same graph, new values
+        same(lora_for(model_files, name, graphed, strength), lora_for(model_files, name, eager, strength), cond)
+    assert stats["captures"] == 1 and stats["recaptures"] == 0 and stats["replays"] == 7
+
+    for strength in (1.0, 0.3):             # ControlNet residuals: one more graph, buffers refilled per call
+        controlled = with_control(model_files, name, cond, strength)
+        same(graphed, eager, controlled)
+    assert stats["captures"] == 2 and stats["recaptures"] == 0
+
+    # The plain path patches by replacing tensors (and restores the originals): still no stale replay.
+    close(sample(pack, lora_for(model_files, name, ckpt.model, 1.0), cond),
+          sample(pack, lora_for(model_files, name, eager, 1.0), cond))
+    same(graphed, eager, cond)
+    with torch.inference_mode():            # new storage, as an offload and reload gives
+        for p in base.diffusion_model.parameters():
+            p.data = p.data.clone()
+    same(graphed, eager, cond)
+    assert stats["recaptures"] == 1, "moved weights must re-capture, never replay"
+
+
+def test_cuda_graphs_step_aside_for_attention_patches(pack, model_files, caplog):
+    ckpt = load(pack, model_files, SD_TURBO)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    backend = EmulatedGraphs()
+    graphed = pack.fastpath.apply_fast_path(ckpt.model, cuda_graphs=True, graph_backend=backend)
+    patched = graphed.clone()
+    patched.set_model_attn1_patch(lambda q, k, v, extra_options: (q, k * 1.5, v))
+    with caplog.at_level(logging.INFO, logger="comfy_turbo"):
+        out = sample(pack, patched, cond)
+    assert backend.captured == 0 and "attention patches" in caplog.text
+    close(out, sample(pack, patched, cond))
