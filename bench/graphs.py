@@ -29,8 +29,10 @@ class ImageSink:
     CATEGORY = "_bench"
     DESCRIPTION = "Benchmark sink."
 
+    last_image = None   # what the last run produced (bench/run.py compares paths with it)
+
     def consume(self, images):
-        images.cpu()
+        ImageSink.last_image = images.cpu()
         return {}
 
 
@@ -60,8 +62,9 @@ def stock_graph(ckpt: str, taesd: str, steps: int, batch: int, size: int, seed: 
 
 
 def ours_graph(ckpt: str, taesd: str, steps: int, batch: int, size: int, seed: int, text: str,
-               fast: dict | None = None) -> dict:
-    """Our nodes at their defaults; with ``fast`` (TurboFastPath and TurboVAEDecode options) the fast path."""
+               fast: dict | None = None, lora: tuple[str, float] | None = None) -> dict:
+    """Our nodes at their defaults; with ``fast`` (TurboFastPath and TurboVAEDecode options) the fast path;
+    with ``lora`` (file, strength) a core LoraLoaderModelOnly after it."""
     model = ["ckpt", 0]
     graph = {
         "ckpt": {"class_type": "TurboCheckpointLoader", "inputs": {
@@ -71,6 +74,10 @@ def ours_graph(ckpt: str, taesd: str, steps: int, batch: int, size: int, seed: i
     if fast is not None:
         graph["fast"] = {"class_type": "TurboFastPath", "inputs": {"model": model, **fast["model"]}}
         model = ["fast", 0]
+    if lora is not None:
+        graph["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": model, "lora_name": lora[0], "strength_model": lora[1]}}
+        model = ["lora", 0]
     graph.update({
         "sigmas": {"class_type": "TurboScheduler", "inputs": {"model": model, "steps": steps, "strength": 1.0,
                                                                "spacing": "trailing"}},

@@ -48,6 +48,11 @@ MODEL_SETS = {
 TAESD_NAMES = {"sd-turbo": "taesd", "sdxl-turbo": "taesdxl"}
 
 
+def lora_name(checkpoint: str) -> str:
+    """The bench's LoRA for a checkpoint (same random-weight builder as the tests' fixtures)."""
+    return checkpoint.replace(".safetensors", "-lora.safetensors")
+
+
 def _register_full_models() -> None:
     """Add the full-size checkpoints to the fixture tables, as extra groups of their own."""
     for name, config in FULL_UNET_CONFIGS.items():
@@ -55,6 +60,8 @@ def _register_full_models() -> None:
         make_models.UNET_CONFIGS[name] = config
         make_models.MODEL_CLASS[name] = make_models.MODEL_CLASS[family]
         make_models.FIXTURES[name] = (f"checkpoints/{name}.safetensors", name, "checkpoint", name)
+        make_models.LORA_KEYS[name] = make_models.LORA_KEYS[family]
+        make_models.FIXTURES[name + "-lora"] = (f"loras/{name}-lora.safetensors", name, "lora", name)
     make_models.GROUPS = tuple(dict.fromkeys(make_models.GROUPS + tuple(FULL_UNET_CONFIGS)))
 
 
@@ -66,7 +73,7 @@ def ensure(model_set: str, families: list[str], comfyui_path: str) -> Path:
     """Generate (once) the checkpoints of ``families`` in ``model_set`` plus TAESD; returns the models dir."""
     out = models_dir(model_set)
     if model_set == "tiny":
-        groups = list(families) + ["taesd"]
+        groups = list(families) + ["loras", "taesd"]
     else:
         _register_full_models()
         groups = [f + "-full" for f in families] + ["taesd"]

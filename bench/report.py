@@ -149,6 +149,40 @@ def note_lines(entry: dict) -> list[str]:
     return [f"- Note: {n}" for n in notes] + ([""] if notes else [])
 
 
+def first_image_lines(entry: dict) -> list[str]:
+    """The warm-up runs of the first setting: loading, compiling and CUDA-graph capture show here."""
+    rows = [r for r in entry["rows"] if "warmup_ms" in r]
+    if not rows:
+        return []
+    steps, batch = rows[0]["steps"], rows[0]["batch"]
+    out = [f"First runs (ms; the first loads the checkpoint, compiles and warms up, the second captures CUDA "
+           f"graphs where they are on), {steps} step(s), batch {batch}:", "",
+           "| path | warm-up runs | warm median |", "|---|---|---|"]
+    for r in rows:
+        if (r["steps"], r["batch"]) == (steps, batch):
+            out.append(f"| {LABELS[r['path']]} | {', '.join(fmt_ms(w) for w in r['warmup_ms'])} | "
+                       f"{fmt_ms(r['latency_ms']['median'])} |")
+    return out + [""]
+
+
+def extras_lines(extras: dict) -> list[str]:
+    out = ["Fast path extras (1 step, batch 1, TAESD decode):", ""]
+    lora = extras.get("lora_switch")
+    if lora:
+        out.append(f"- LoRA after Turbo Fast Path: {fmt_ms(lora['steady_ms']['median'])} ms with the same strength "
+                   f"every prompt, {fmt_ms(lora['switching_ms']['median'])} ms alternating 1.0 / 0.5 "
+                   f"(a switch costs {lora['switch_cost_ms']:.1f} ms).")
+    precision = extras.get("precision")
+    if precision:
+        out.append(f"- Weights fp16 {fmt_ms(precision['fp16']['median'])} ms, bf16 "
+                   f"{fmt_ms(precision['bf16']['median'])} ms (runs alternating).")
+    diff = extras.get("fast_vs_plain")
+    if diff:
+        out.append(f"- Fast path against the plain path at {diff['weight_dtype']} weights, same seed, full VAE: "
+                   f"max |difference| {diff['max_abs_diff']:.2e}, mean {diff['mean_abs_diff']:.2e} (image in 0..1).")
+    return out + [""]
+
+
 def markdown(results: dict, chart_name: str) -> str:
     out = [f"# comfy-turbo benchmark: {results['device_name']} ({results['device']})", ""]
     if results["device"] == "cpu":
@@ -163,6 +197,9 @@ def markdown(results: dict, chart_name: str) -> str:
         out += latency_table(entry) + [""]
         out += ["Stages (medians of the instrumented runs; device synchronised at every boundary):", ""]
         out += stage_table(entry) + [""]
+        out += first_image_lines(entry)
+        if entry.get("extras"):
+            out += extras_lines(entry["extras"])
         opts = entry["fast_options"]
         out += [f"Fast path options: loader weight_dtype `{opts['weight_dtype']}`, Turbo Fast Path "
                 f"`{json.dumps(opts['model'])}`, Turbo VAE Decode `{json.dumps(opts['vae'])}`.", ""]
@@ -258,14 +295,17 @@ def readme_section() -> str:
         out += ["### GPU: pending",
                 "", "No GPU was available to this work, so the GPU targets (SDXL-Turbo 512², 1 step, batch 1: ≤ 12 ms "
                 "with TAESD, ≤ 25 ms with the full VAE; SD-Turbo with TAESD ≤ 6 ms; ≥ 3× faster than stock in the "
-                "same run) are **not yet measured**. CUDA-graph capture is not implemented yet (see Turbo Fast "
-                "Path). For comparison when they are:", ""]
+                "same run) are **not yet measured**, and Turbo Fast Path's `cuda_graphs` option has only run on "
+                "the CPU, where the tests emulate capture and replay (tests/test_cuda_graphs.py). The GPU run is "
+                "the one command under *Reproduce* below. For comparison when it has run:", ""]
     out += ["| published anchor | figure | source |", "|---|---|---|"]
     out += [f"| {a} | {f} | {s} |" for a, f, s in ANCHORS] + [""]
     out += ["**Reproduce.** CPU (tiny checkpoints, 128², about half an hour on 2 cores):", "",
             "```", "bash bench/run.sh", "```", "",
             "GPU (generates random-weight full-size SD-Turbo and SDXL-Turbo, 2.6 + 6.9 GB, into "
-            "`~/.cache/comfy-turbo/bench-models` on first use, then 512², 1 and 4 steps, batch 1 and 4):", "",
+            "`~/.cache/comfy-turbo/bench-models` on first use, then 512², 1 and 4 steps, batch 1 and 4, the fast "
+            "path with torch.compile and CUDA graphs; then the first-image cost, a LoRA switch, fp16 against bf16 "
+            "and the fast path's difference from the plain path):", "",
             "```", "bash bench/run.sh --device cuda --models full",
             "# or one model per command: ... --only sdxl-turbo, then ... --only sd-turbo (results merge)",
             "# with an existing environment: COMFYUI_PATH=/path/to/ComfyUI python bench/run.py --device cuda",
@@ -279,11 +319,13 @@ NODES_DOC = [
     "The fast path is opt-in, three nodes in **sampling/turbo**, all safe to leave at their defaults:", "",
     "| node | inputs | what it does |", "|---|---|---|",
     "| **Turbo Fast Path** (`TurboFastPath`) | `model`; `attention` sdpa / comfy; `sdpa_backend` auto / flash / "
-    "efficient / cudnn / math; `channels_last` (on); `compile` off / inductor / inductor-max-autotune (off) | A "
-    "MODEL clone whose single CFG-free UNet call uses PyTorch SDPA attention (ComfyUI's "
-    "`optimized_attention_override`), channels_last convolutions and optionally `torch.compile` (inductor, fixed "
-    "shapes, one compile per UNet reused by every clone). LoRA patches and ControlNet residuals still apply: the "
-    "weights are inputs of the compiled graph, a ControlNet recompiles once. CUDA-graph capture is not offered yet. |",
+    "efficient / cudnn / math; `channels_last` (on); `compile` off / inductor / inductor-max-autotune (off); "
+    "`cuda_graphs` (off) | A MODEL clone whose single CFG-free UNet call uses PyTorch SDPA attention (ComfyUI's "
+    "`optimized_attention_override`), channels_last convolutions, optionally `torch.compile` (inductor, fixed "
+    "shapes, one compile per UNet reused by every clone) and optionally CUDA graphs (one per input shape and "
+    "ControlNet layout, replayed while the weights stay put). LoRA patches and ControlNet residuals still apply: "
+    "LoRAs are patched in place into the same weight tensors, which are inputs of the compiled graph and of the "
+    "captured CUDA graph; a ControlNet recompiles and captures once. |",
     "| **Turbo Text Encode (cached)** (`TurboTextEncode`) | `clip`, `text` | CLIP Text Encode, plus a memo of the "
     "last 32 prompts keyed by the text encoder object, its LoRA patches (`patches_uuid`), CLIP skip and tokenizer "
     "options: toggling between prompts costs no encoder pass. |",

@@ -272,9 +272,10 @@ def bench_model(args, family: str, ckpt: str, sync, log) -> dict:
     for steps in args.steps:
         for batch in args.batch:
             log(f"[{family}] {steps} step(s), batch {batch}: warm-up")
+            warmup = {p: [] for p in paths}      # the first ones pay for loading, compiling and graph capture
             for _ in range(args.warmup):
                 for path in paths:
-                    run(path, steps, batch)
+                    warmup[path].append(run(path, steps, batch))
             latencies = {p: [] for p in paths}
             for r in range(args.runs):
                 order = paths[r % len(paths):] + paths[:r % len(paths)]
@@ -314,6 +315,7 @@ def bench_model(args, family: str, ckpt: str, sync, log) -> dict:
                 row = {
                     "steps": steps, "batch": batch, "path": path,
                     "latency_ms": summary_ms(latencies[path]),
+                    "warmup_ms": [round(w * 1000, 1) for w in warmup[path]],
                     "stages_ms": {
                         "text_encode_new": median_ms(encode[graphs.GROUP_OF[path]]["new"]),
                         "text_encode_repeat": median_ms(encode[graphs.GROUP_OF[path]]["repeat"]),
@@ -340,6 +342,84 @@ def bench_model(args, family: str, ckpt: str, sync, log) -> dict:
     return {"rows": rows}
 
 
+def bench_extras(args, family: str, ckpt: str, sync, log) -> dict:
+    """What the main table does not show, for the fast path at 1 step, batch 1 (TAESD decode):
+
+    * ``lora_switch``: latency with a core LoraLoaderModelOnly after Turbo Fast Path, its strength the
+      same every run, then alternating 1.0 / 0.5 (every prompt re-patches the UNet in place); the
+      difference of the medians is the cost of a switch (with CUDA graphs on: no re-capture);
+    * ``precision``: the same graph with fp16 and with bf16 weights, runs alternating;
+    * ``fast_vs_plain``: max |difference| of the decoded images (0..1) of the fast path and of our plain
+      path at the same weight precision and seed, full VAE.
+    """
+    import statistics as stats
+    taesd = bench_models.TAESD_NAMES[family]
+    lora = bench_models.lora_name(ckpt)
+    fast = fast_options(args)
+    seed = [10_000]
+
+    def prompt(fast_opts, lora_strength=None, dtype=None, decoder="taesd"):
+        seed[0] += 1
+        opts = dict(fast_opts, weight_dtype=dtype or fast_opts["weight_dtype"])
+        graph = graphs.ours_graph(ckpt=ckpt, taesd=taesd, steps=1, batch=1, size=args.size, seed=seed[0], text=TEXT,
+                                  fast=opts, lora=None if lora_strength is None else (lora, lora_strength))
+        return graph, graphs.OUTPUT_OF["ours-fast-taesd" if decoder == "taesd" else "ours-fast"]
+
+    def timed(group, graph_and_output, repeat=1):
+        return [group.run(*graph_and_output) for _ in range(repeat)]
+
+    out = {}
+    # The bench LoRA also holds text-encoder keys, which LoraLoaderModelOnly reports one by one.
+    logging.getLogger().addFilter(lambda record: "lora key not loaded" not in record.getMessage())
+    group = Group("lora")
+    for strength in (1.0, 0.5, 1.0, 0.5):                       # warm-up: load, compile, capture
+        timed(group, prompt(fast, strength))
+    steady = [t for _ in range(args.runs) for t in timed(group, prompt(fast, 1.0))]
+    switching = [t for r in range(args.runs) for t in timed(group, prompt(fast, 0.5 if r % 2 == 0 else 1.0))]
+    out["lora_switch"] = {"steady_ms": summary_ms(steady), "switching_ms": summary_ms(switching),
+                          "switch_cost_ms": (stats.median(switching) - stats.median(steady)) * 1000}
+    log(f"[{family}] LoRA: steady {stats.median(steady) * 1000:.1f} ms, switching every prompt "
+        f"{stats.median(switching) * 1000:.1f} ms")
+    del group
+
+    if args.device == "cuda":
+        groups = {d: Group(d) for d in ("fp16", "bf16")}
+        for d, g in groups.items():
+            for _ in range(max(args.warmup, 2)):
+                timed(g, prompt(fast, dtype=d))
+        lat = {d: [] for d in groups}
+        for r in range(args.runs):
+            for d in (("fp16", "bf16") if r % 2 == 0 else ("bf16", "fp16")):
+                lat[d] += timed(groups[d], prompt(fast, dtype=d))
+        out["precision"] = {d: summary_ms(v) for d, v in lat.items()}
+        log(f"[{family}] fp16 {stats.median(lat['fp16']) * 1000:.1f} ms, bf16 {stats.median(lat['bf16']) * 1000:.1f} ms")
+        del groups
+
+    images = {}
+    for name, graph, output in (
+            ("plain", _plain_at(ckpt, taesd, args.size, fast["weight_dtype"]), graphs.OUTPUT_OF["ours"]),
+            ("fast", graphs.ours_graph(ckpt=ckpt, taesd=taesd, steps=1, batch=1, size=args.size, seed=7, text=TEXT,
+                                       fast=fast), graphs.OUTPUT_OF["ours-fast"])):
+        g = Group(name)
+        for _ in range(3):                                       # the last run is a warm (captured) one
+            g.run(graph, output)
+        images[name] = graphs.ImageSink.last_image.float()
+    difference = (images["fast"] - images["plain"]).abs()
+    out["fast_vs_plain"] = {"weight_dtype": fast["weight_dtype"], "decoder": "vae",
+                            "max_abs_diff": difference.max().item(), "mean_abs_diff": difference.mean().item()}
+    log(f"[{family}] fast vs plain at {fast['weight_dtype']}: max |diff| {difference.max().item():.2e}")
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    return out
+
+
+def _plain_at(ckpt: str, taesd: str, size: int, weight_dtype: str) -> dict:
+    """Our plain graph with the loader at ``weight_dtype`` (no fast path)."""
+    graph = graphs.ours_graph(ckpt=ckpt, taesd=taesd, steps=1, batch=1, size=size, seed=7, text=TEXT, fast=None)
+    graph["ckpt"]["inputs"]["weight_dtype"] = weight_dtype
+    return graph
+
+
 def merge_entry(old: dict | None, entry: dict, rows: list[dict], run_info: dict) -> dict:
     """Add this run's settings to a model's results, replacing the same settings of earlier runs.
 
@@ -354,13 +434,16 @@ def merge_entry(old: dict | None, entry: dict, rows: list[dict], run_info: dict)
     kept = [r for r in old["rows"] if (r["steps"], r["batch"]) not in measured] if same else []
     merged = sorted(kept + rows, key=lambda r: (r["steps"], r["batch"], graphs.PATHS.index(r["path"])))
     notes = old.get("notes", []) if same else []   # hand-written remarks on earlier runs (report.py shows them)
-    return {**entry, "runs": runs + [run_info], "rows": merged, **({"notes": notes} if notes else {})}
+    extras = old.get("extras") if same else None   # replaced by bench_extras when this run measures them
+    return {**entry, "runs": runs + [run_info], "rows": merged, **({"notes": notes} if notes else {}),
+            **({"extras": extras} if extras else {})}
 
 
 def fast_options(args) -> dict:
     return {
         "weight_dtype": "fp16" if args.device == "cuda" else "default",
-        "model": {"attention": "sdpa", "sdpa_backend": "auto", "channels_last": True, "compile": args.compile},
+        "model": {"attention": "sdpa", "sdpa_backend": "auto", "channels_last": True, "compile": args.compile,
+                  "cuda_graphs": args.cuda_graphs == "on"},
         "vae": {"precision": "auto", "compile": args.compile != "off" and args.compile_vae},
     }
 
@@ -381,6 +464,11 @@ def main(argv=None) -> int:
     parser.add_argument("--paths", nargs="+", choices=graphs.PATHS, default=list(graphs.PATHS))
     parser.add_argument("--compile", choices=["off", "inductor", "inductor-max-autotune"], default="inductor",
                         help="Turbo Fast Path's compile option on the ours-fast paths (default inductor)")
+    parser.add_argument("--cuda-graphs", choices=["on", "off"],
+                        help="Turbo Fast Path's cuda_graphs option on the ours-fast paths (default: on with CUDA)")
+    parser.add_argument("--extras", choices=["on", "off"],
+                        help="also measure LoRA switches, fp16 vs bf16 and the fast path's difference from the "
+                             "plain path (default: on with CUDA)")
     parser.add_argument("--no-compile-vae", dest="compile_vae", action="store_false",
                         help="do not compile the decoders on the ours-fast paths")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -390,6 +478,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.models = args.models or ("full" if args.device == "cuda" else "tiny")
     args.size = args.size or (512 if args.device == "cuda" else 128)
+    args.cuda_graphs = args.cuda_graphs or ("on" if args.device == "cuda" else "off")
+    args.extras = args.extras or ("on" if args.device == "cuda" else "off")
     if args.runs < 2 or args.size % 64:
         parser.error("--runs must be at least 2 and --size a multiple of 64")
 
@@ -435,6 +525,8 @@ def main(argv=None) -> int:
         entry = {"checkpoint": ckpt, "model_set": args.models, "size": args.size, "fast_options": fast_options(args),
                  "unet_parameters": bench_models.unet_parameters(models_dir / "checkpoints" / ckpt)}
         results["models"][family] = merge_entry(results["models"].get(family), entry, rows, run_info)
+        if args.extras == "on":
+            results["models"][family]["extras"] = bench_extras(args, family, ckpt, sync, log)
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
     paths = report.write_all(results_path)

@@ -20,7 +20,7 @@ def test_bench_runs_both_paths_through_the_executor(tmp_path, model_files):
     env = dict(os.environ)
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--only", "sd-turbo", "--size", "64", "--steps", "2",
            "--batch", "1", "--runs", "2", "--warmup", "1", "--stage-runs", "1", "--threads", "1", "--paths", "stock", "ours",
-           "stock-taesd", "--out", str(tmp_path), "--name", "smoke", "--quiet"]
+           "stock-taesd", "--out", str(tmp_path), "--name", "smoke", "--quiet", "--extras", "on", "--compile", "off"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "smoke.json").read_text())
@@ -37,8 +37,14 @@ def test_bench_runs_both_paths_through_the_executor(tmp_path, model_files):
         assert stages["decoder"] == ("taesd" if path == "stock-taesd" else "vae")
         assert row["memory"]["kind"] == "cpu resident set"
     assert rows["ours"]["ratio_vs_stock"] > 0 and "paired_ratio_vs_stock" in rows["ours"]
+    assert all(len(row["warmup_ms"]) == 1 and row["warmup_ms"][0] > 0 for row in rows.values())   # first images
+    extras = entry["extras"]
+    assert extras["lora_switch"]["steady_ms"]["n"] == 2 and extras["lora_switch"]["switching_ms"]["median"] > 0
+    assert extras["fast_vs_plain"]["max_abs_diff"] < 1e-3      # fp32 on the CPU: rounding only
+    assert "precision" not in extras                           # fp16 against bf16 is a CUDA question
     md = (tmp_path / "smoke.md").read_text()
     assert "| steps | batch | stock ComfyUI | stock + TAESD | ours (default) |" in md and "pending a GPU run" in md
+    assert "First runs" in md and "a switch costs" in md
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
