@@ -84,6 +84,16 @@ if [ ! -f "$_ct_env/.complete" ] || [ ! -x "$_ct_py" ]; then
   _ct_provision
 fi
 
+# Later additions, installed into an existing environment without rebuilding it (torch stays).
+# The fleet (scale/, pyproject extra "scale"): Celery and its AMQP client.
+_CT_EXTRA_PINS="celery==5.5.3"
+if [ "$(cat "$_ct_env/.extras" 2>/dev/null)" != "$_CT_EXTRA_PINS" ]; then
+  echo "[env] installing $_CT_EXTRA_PINS" >&2
+  # shellcheck disable=SC2086
+  "$_ct_py" -m pip install -q $_CT_EXTRA_PINS torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+  printf '%s' "$_CT_EXTRA_PINS" > "$_ct_env/.extras"
+fi
+
 export COMFY_TURBO_PY="$_ct_py"
 export COMFY_TURBO_ENV="$_ct_env"
 export COMFYUI_PATH="${_ct_external:-$_ct_env/comfyui}"

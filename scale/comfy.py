@@ -1,0 +1,108 @@
+"""The worker's side of one ComfyUI: queue an API-format prompt over HTTP, wait for it, collect its images.
+
+Standard library only. A worker runs one job at a time, so polling ``/history/<id>`` every 50 ms
+costs nothing measurable and needs no websocket.
+"""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+
+class ComfyUnavailable(ConnectionError):
+    """ComfyUI did not answer (down, restarting, unreachable): the job is retried, on this or another worker."""
+
+
+class PromptInvalid(Exception):
+    """ComfyUI refused the prompt at validation; ``body`` is its JSON answer (error and node_errors)."""
+
+    def __init__(self, body: dict):
+        self.body = body
+        error = body.get("error") or {}
+        details = [f"{node}: {e.get('message')} ({e.get('details')})" for node, errors in
+                   (body.get("node_errors") or {}).items() for e in errors.get("errors", [])]
+        super().__init__((error.get("message") or "invalid prompt") + ("; " + "; ".join(details) if details else ""))
+
+
+class PromptFailed(Exception):
+    """The prompt ran and failed (a node raised); ``info`` holds ComfyUI's execution_error message."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        super().__init__(f"{info.get('node_type')} (node {info.get('node_id')}): {info.get('exception_message')}")
+
+
+class ComfyClient:
+    def __init__(self, url: str, timeout: float = 600.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+
+    def _request(self, path: str, payload: dict | None = None, timeout: float = 30.0) -> bytes:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data,
+                                         headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            raise ComfyUnavailable(f"ComfyUI at {self.url} did not answer: {e}") from e
+
+    def get_json(self, path: str):
+        return json.loads(self._request(path))
+
+    def check(self, node_types: tuple[str, ...] = ("TurboSampler",)) -> dict:
+        """ComfyUI's /system_stats, after checking that it has the pack's nodes."""
+        stats = self.get_json("/system_stats")
+        for node in node_types:
+            try:
+                self.get_json(f"/object_info/{node}")[node]
+            except (urllib.error.HTTPError, KeyError):
+                raise RuntimeError(f"ComfyUI at {self.url} has no {node} node: install comfy-turbo in its "
+                                   "custom_nodes folder and restart it.") from None
+        return stats
+
+    def run(self, prompt: dict) -> dict:
+        """Run ``prompt``; returns {"prompt_id", "images": [{"node", "filename", "data"}], "seconds"}."""
+        start = time.monotonic()
+        try:
+            queued = json.loads(self._request("/prompt", {"prompt": prompt, "client_id": self.client_id}))
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = {"error": {"message": body[:2000]}}
+            if e.code == 400:
+                raise PromptInvalid(parsed) from None
+            raise ComfyUnavailable(f"ComfyUI at {self.url} answered HTTP {e.code}: {body[:500]}") from None
+        prompt_id = queued["prompt_id"]
+        entry = self._wait(prompt_id, start + self.timeout)
+        status = entry.get("status") or {}
+        if status.get("status_str") == "error":
+            info = next((data for kind, data in status.get("messages", []) if kind == "execution_error"), {})
+            raise PromptFailed(info)
+        images = []
+        for node_id, output in (entry.get("outputs") or {}).items():
+            for image in output.get("images", []):
+                if image.get("type") != "output":
+                    continue                     # previews in temp/ are not results
+                query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+                images.append({"node": node_id, "filename": image["filename"],
+                               "data": self._request(f"/view?{query}", timeout=60)})
+        return {"prompt_id": prompt_id, "images": images, "seconds": time.monotonic() - start}
+
+    def _wait(self, prompt_id: str, deadline: float) -> dict:
+        while time.monotonic() < deadline:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and (entry.get("status") or {}).get("completed") is not None:
+                return entry
+            time.sleep(0.05)
+        self._request("/interrupt", {})
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {self.timeout:.0f} s on {self.url}")

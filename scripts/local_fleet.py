@@ -1,0 +1,80 @@
+"""Fleet workers on this machine, for the scale-out tests and bench: ``python -m scale.worker`` processes.
+
+Each worker runs in its own process group with a ComfyUI of its own as its child (``--cpu``, one torch
+thread), in a private base directory whose models/ links the given model files.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def import_scale():
+    """The repository's ``scale`` package, imported by path: the repository root never goes on sys.path,
+    where its ``nodes`` package would shadow ComfyUI's ``nodes`` module in a process that imports ComfyUI."""
+    if "scale" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("scale", REPO / "scale" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "scale")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["scale"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["scale"]
+
+
+class WorkerProcess:
+    def __init__(self, name: str, base: Path, broker_url: str, comfyui: str, models: dict[str, Path],
+                 port: int | None = None, threads: int = 1):
+        self.name, self.base, self.port = name, Path(base), port
+        for folder, path in models.items():
+            target = self.base / "models" / folder / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to(Path(path).resolve())
+        self.cmd = [sys.executable, "-m", "scale.worker", "--broker", broker_url, "--name", name,
+                    "--comfyui", comfyui, "--base-directory", str(self.base), "--loglevel", "INFO",
+                    *(["--port", str(port)] if port else []), "--",
+                    "--cpu", "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"]
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        log = open(self.base / "worker.log", "ab")
+        self.process = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the Celery worker and its ComfyUI, with no chance to clean up."""
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = ""
+        for path in sorted(self.base.glob("*.log")):
+            text += f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+        return text
+
+
+def wait_for_workers(fleet, names, processes, timeout: float = 300.0) -> None:
+    """Until every worker in ``names`` answers the broker (a worker that exits fails at once)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in processes:
+            if not p.alive():
+                raise RuntimeError(f"worker {p.name} exited:\n{p.log_tail()}")
+        if set(names) <= set(fleet.workers(timeout=1.0)):
+            return
+        time.sleep(1)
+    raise TimeoutError("workers did not come up:\n" + "\n".join(p.log_tail() for p in processes))
