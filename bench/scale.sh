@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The fleet benchmark: throughput with 1 and 2 workers and the queue's overhead per prompt, on this
+# machine (a private RabbitMQ, two workers with their own ComfyUI). Provisions the cached environment
+# if needed; arguments go to bench/scale_bench.py (--help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+exec "$COMFY_TURBO_PY" bench/scale_bench.py "$@"
