@@ -120,8 +120,15 @@ class LocalRabbitMQ:
         self._stop_epmd()
         self.process = None
 
-    def _stop_epmd(self) -> None:
-        subprocess.run(["epmd", "-kill"], env=self.env(), capture_output=True)
+    def _stop_epmd(self, timeout: float = 10.0) -> None:
+        """Stop this broker's own epmd; it refuses while the node still shows as registered (just after a kill)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run(["epmd", "-kill"], env=self.env(), capture_output=True, text=True)
+            if "Killed" in done.stdout or "no running epmd" in done.stdout + done.stderr.lower() \
+                    or "cannot connect" in (done.stdout + done.stderr).lower() or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
