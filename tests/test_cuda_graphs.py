@@ -16,15 +16,8 @@ import torch
 
 from workflow_utils import SD_TURBO, SDXL_TURBO
 
-LATENT = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The fast path's own helpers (and its module-wide one-torch-thread fixture).
+from test_fastpath import LATENT, close, one_thread, rel_change, with_control  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +46,11 @@ def lora_for(model_files, name, model, strength):
     return comfy.sd.load_lora_for_models(model, None, unet_only, strength, 0.0)[0]
 
 
-def with_control(model_files, name, cond, strength=1.0):
-    import comfy.controlnet
-    cnet = comfy.controlnet.load_controlnet(str(model_files[name.replace(".safetensors", "-controlnet.safetensors")]))
-    hint = torch.rand(1, 3, LATENT * 8, LATENT * 8, generator=torch.Generator().manual_seed(5))
-    control = cnet.copy().set_cond_hint(hint, strength, (0.0, 1.0))
-    return [[emb, {**opts, "control": control, "control_apply_to_uncond": False}] for emb, opts in cond]
-
-
 def sample(pack, model, cond, steps=2, seed=7):
     with torch.inference_mode():
         sigmas = pack.scheduler.turbo_model_sigmas(model, steps)
         latent = {"samples": torch.zeros(1, 4, LATENT, LATENT)}
         return pack.sampler.turbo_sample(model, cond, latent, sigmas, seed)["samples"]
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-3)
-
-
-def rel_change(a, b):
-    return ((a - b).abs().mean() / b.abs().mean()).item()
 
 
 class EmulatedGraphs:
