@@ -30,17 +30,20 @@ def import_scale():
 
 class WorkerProcess:
     def __init__(self, name: str, base: Path, broker_url: str, comfyui: str, models: dict[str, Path],
-                 port: int | None = None, threads: int = 1):
+                 port: int | None = None, threads: int = 1, attach: str | None = None):
         self.name, self.base, self.port = name, Path(base), port
         for folder, path in models.items():
             target = self.base / "models" / folder / Path(path).name
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 target.symlink_to(Path(path).resolve())
-        self.cmd = [sys.executable, "-m", "scale.worker", "--broker", broker_url, "--name", name,
-                    "--comfyui", comfyui, "--base-directory", str(self.base), "--loglevel", "INFO",
-                    *(["--port", str(port)] if port else []), "--",
-                    "--cpu", "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"]
+        self.cmd = [sys.executable, "-m", "scale.worker", "--broker", broker_url, "--name", name, "--loglevel", "INFO"]
+        if attach:                      # serve a ComfyUI started elsewhere
+            self.cmd += ["--attach", attach]
+        else:
+            self.cmd += ["--comfyui", comfyui, "--base-directory", str(self.base),
+                         *(["--port", str(port)] if port else []), "--",
+                         "--cpu", "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"]
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.process: subprocess.Popen | None = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,28 @@ def test_queued_jobs_survive_a_broker_restart(broker, fleet, workers):
     # The surviving worker reconnected on its own and still serves.
     after = fleet.wait([fleet.submit(job(seed=3000), worker="w2")], timeout=180, raise_errors=True)
     assert next(iter(after.values()))["worker"] == "w2"
+
+
+def test_a_job_waits_out_its_comfyuis_restart(broker, fleet, tmp_path_factory, model_files):
+    """A worker attached to a ComfyUI that goes down retries the job (backoff) until ComfyUI is back."""
+    from comfy_host import ComfyHost
+    host = ComfyHost(tmp_path_factory.mktemp("attached-comfyui"), Path(os.environ["COMFYUI_PATH"]))
+    host.install_model(model_files[SD_TURBO], "checkpoints")
+    host.start()
+    attached = WorkerProcess("w3", tmp_path_factory.mktemp("worker-w3"), broker.url, "", {}, attach=host.url)
+    try:
+        attached.start()
+        wait_for_workers(fleet, ["w3"], [attached])
+        host.stop()
+        job_id = fleet.submit(job(seed=4000), worker="w3")
+        deadline = time.monotonic() + 60
+        while "back on the queue (retry 1)" not in attached.log_tail(200):
+            assert time.monotonic() < deadline, attached.log_tail()
+            time.sleep(0.2)
+        host.start()
+        reply = fleet.wait([job_id], timeout=180, raise_errors=True)[job_id]
+        assert reply["worker"] == "w3" and reply["retries"] >= 1 and reply["images"]
+        assert attached.alive()
+    finally:
+        attached.kill()
+        host.stop()
