@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 
 from celery import Celery
+from celery.exceptions import Reject
 from kombu import Queue
 
 from .comfy import ComfyClient, ComfyUnavailable, PromptFailed, PromptInvalid
@@ -70,6 +71,7 @@ def make_app(broker_url: str | None = None) -> Celery:
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         broker_heartbeat=30,
+        broker_transport_options={"confirm_publish": True},   # a job or reply is sent once the broker has it
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -79,16 +81,20 @@ def make_app(broker_url: str | None = None) -> Celery:
 
 
 class WorkerState:
-    """What one worker process knows: its name, its ComfyUI and the replies of its recent jobs."""
+    """What one worker process knows: its name, its ComfyUI and the replies of its recent jobs.
 
-    def __init__(self, name: str, comfyui_url: str, remember: int = 256):
+    A remembered reply keeps everything but the images (the client got them with the first reply):
+    a redelivered job that already ran here is answered again without running it.
+    """
+
+    def __init__(self, name: str, comfyui_url: str, remember: int = 1024):
         self.name = name
         self.comfy = ComfyClient(comfyui_url)
         self.recent: "OrderedDict[str, dict]" = OrderedDict()
         self.remember = remember
 
     def remember_reply(self, job_id: str, reply: dict) -> None:
-        self.recent[job_id] = reply
+        self.recent[job_id] = {k: v for k, v in reply.items() if k != "images"}
         while len(self.recent) > self.remember:
             self.recent.popitem(last=False)
 
@@ -125,13 +131,21 @@ def run_prompt(self, job: dict) -> dict:
             reply["error"] = {"kind": "execution_error", "message": str(e), "comfyui": e.info}
         except TimeoutError as e:
             reply["error"] = {"kind": "timeout", "message": str(e)}
+        except Exception as e:               # anything else still gets a reply, never a silent loss
+            log.exception("job %s failed", job_id)
+            reply["error"] = {"kind": "internal", "message": f"{type(e).__name__}: {e}"}
         else:
             reply.update(prompt_id=outcome["prompt_id"], seconds=outcome["seconds"], images=[
                 {"node": i["node"], "filename": i["filename"], "png_base64": base64.b64encode(i["data"]).decode()}
                 for i in outcome["images"]])
         reply["finished_at"] = time.time()
+    try:
+        publish_reply(self.app, job["reply_to"], reply)
+    except Exception as e:                   # the broker did not take the reply: the job goes back, unacked
+        log.error("job %s: the reply could not be published (%s); back on the queue", job_id, e)
+        raise Reject(str(e), requeue=True) from e
+    if not reply.get("repeat"):
         STATE.remember_reply(job_id, reply)
-    publish_reply(self.app, job["reply_to"], reply)
     return {"job_id": job_id, "worker": STATE.name, "error": "error" in reply}
 
 

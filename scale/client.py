@@ -20,6 +20,7 @@ import argparse
 import base64
 import os
 import queue as queue_module
+import random
 import sys
 import time
 import uuid
@@ -66,12 +67,12 @@ class Fleet:
         return job_id
 
     def session(self, worker: str | None = None, session_id: str | None = None) -> "Session":
-        """A sticky session: all its jobs run on one worker (``worker``, or the first one found)."""
+        """A sticky session: all its jobs run on one worker (``worker``, or one of those that answer)."""
         if worker is None:
             found = self.workers()
             if not found:
                 raise RuntimeError("no worker answered: start one with python -m scale.worker")
-            worker = found[0]
+            worker = random.choice(found)
         return Session(self, worker, session_id or uuid.uuid4().hex)
 
     def workers(self, timeout: float = 2.0) -> list[str]:

@@ -104,5 +104,15 @@ class ComfyClient:
             if entry and (entry.get("status") or {}).get("completed") is not None:
                 return entry
             time.sleep(0.05)
-        self._request("/interrupt", {})
+        self._cancel(prompt_id)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {self.timeout:.0f} s on {self.url}")
+
+    def _cancel(self, prompt_id: str) -> None:
+        """Take the prompt off ComfyUI's queue, or interrupt it if it is the one running (nobody else's)."""
+        try:
+            self._request("/queue", {"delete": [prompt_id]})
+            running = self.get_json("/queue").get("queue_running", [])
+            if any(len(item) > 1 and item[1] == prompt_id for item in running):
+                self._request("/interrupt", {})
+        except Exception:
+            pass                                   # best effort: the job is reported as timed out either way

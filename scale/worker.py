@@ -65,9 +65,14 @@ def wait_ready(client: ComfyClient, process: subprocess.Popen | None, timeout: f
             time.sleep(0.5)
 
 
+STOPPING = threading.Event()           # set when the worker itself stops ComfyUI
+
+
 def watch(process: subprocess.Popen) -> None:
     """Stop the worker when its ComfyUI exits (status 3), so that a supervisor restarts the pair."""
     process.wait()
+    if STOPPING.is_set():
+        return
     logging.getLogger("comfy_turbo.scale").error("ComfyUI exited with status %s: stopping this worker",
                                                  process.returncode)
     os._exit(3)
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "-Q", queues, "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
                                 "--without-heartbeat", f"--loglevel={args.loglevel}"])
     finally:
+        STOPPING.set()
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:

@@ -34,7 +34,10 @@ def positive_encoders(workflow: dict) -> list[str]:
     positive = {node["inputs"]["positive"][0] for node in workflow.values()
                 if isinstance(node.get("inputs", {}).get("positive"), list)}
     wired = [nid for nid in encoders if nid in positive]
-    return wired or encoders
+    if wired or len(encoders) <= 1:
+        return wired or encoders
+    raise WorkflowError("the workflow has several text encoders and none feeds a 'positive' input directly, so "
+                        "which one holds the prompt is unclear: set the text in the workflow instead")
 
 
 def apply_overrides(workflow: dict, seed: int | None = None, prompt: str | None = None,
