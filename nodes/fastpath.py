@@ -138,10 +138,15 @@ class WeightPointers:
     """
 
     def __init__(self, base_model: torch.nn.Module):
+        self.modules = (base_model.diffusion_model, base_model.model_sampling)   # what the list was built from
         self.entries = []
+        self.plain = True          # quantized weights are tensor subclasses whose data_ptr says nothing useful
         for module in base_model.modules():
-            self.entries.extend((module._parameters, name) for name, p in module._parameters.items() if p is not None)
-            self.entries.extend((module._buffers, name) for name, b in module._buffers.items() if b is not None)
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None:
+                        self.entries.append((store, name))
+                        self.plain &= type(t.data) is torch.Tensor
 
     def __call__(self) -> tuple:
         return tuple(0 if (t := d.get(n)) is None else t.data_ptr() for d, n in self.entries)
@@ -160,14 +165,34 @@ def graph_cache(base_model, backend=None) -> GraphCache:
     return state[key]
 
 
-def graph_refusal(base_model, transformer_options: dict) -> str | None:
+OWN_APPLY_MODEL_WRAPPERS = {WRAPPER_KEY, GRAPHS_KEY, COMPILE_KEY}
+
+
+def graph_refusal(base_model, transformer_options: dict, pointers: "WeightPointers") -> str | None:
     """Why this call must run without a graph, or None."""
     if getattr(base_model, "model_lowvram", False):
         return "the model is only partly loaded (low VRAM), so its weights are cast or patched per call"
+    if not pointers.plain:
+        return "the model has quantized (tensor-subclass) weights"
     for key in ("patches", "patches_replace"):
         if transformer_options.get(key):
             return f"the model carries attention patches (transformer_options['{key}']: {sorted(transformer_options[key])})"
+    # Other wrappers may decide per call in Python (a step cache, say): a graph would freeze that decision.
+    wrappers = transformer_options.get("wrappers", {})
+    foreign = set(wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {})) - OWN_APPLY_MODEL_WRAPPERS
+    foreign |= set(wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}))
+    if foreign:
+        return f"other nodes wrap the model call ({sorted(foreign)})"
     return None
+
+
+def weight_pointers(base_model) -> "WeightPointers":
+    """The model's WeightPointers, rebuilt when an object patch has swapped the UNet or model_sampling."""
+    pointers = base_model.__dict__.get("_comfy_turbo_weight_pointers")
+    if pointers is None or pointers.modules[0] is not base_model.diffusion_model \
+            or pointers.modules[1] is not base_model.model_sampling:
+        pointers = base_model.__dict__["_comfy_turbo_weight_pointers"] = WeightPointers(base_model)
+    return pointers
 
 
 def _cuda_graph_wrapper(settings: tuple, backend=None):
@@ -176,20 +201,19 @@ def _cuda_graph_wrapper(settings: tuple, backend=None):
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         base = executor.class_obj
-        reason = graph_refusal(base, transformer_options)
+        pointers = weight_pointers(base)
+        reason = graph_refusal(base, transformer_options, pointers)
         if reason is not None:
             if reason not in reported:
                 reported.add(reason)
                 log.info("comfy-turbo: Turbo Fast Path runs this model without CUDA graphs: %s.", reason)
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        pointers = base.__dict__.get("_comfy_turbo_weight_pointers")
-        if pointers is None:
-            pointers = base.__dict__["_comfy_turbo_weight_pointers"] = WeightPointers(base)
 
         def call(x, t, c_concat, c_crossattn, control, **kw):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
-        extra_key = (settings, id(base.diffusion_model), id(base.model_sampling), torch.is_inference_mode_enabled())
+        # The modules themselves, not their ids: the key keeps them alive, so no new module can reuse an id.
+        extra_key = (settings, base.diffusion_model, base.model_sampling, torch.is_inference_mode_enabled())
         return graph_cache(base, backend)(call, pointers, (x, t, c_concat, c_crossattn, control), kwargs, extra_key)
     return wrapper
 

@@ -76,17 +76,19 @@ class CudaGraphBackend:
     def __init__(self):
         self.pool = None
 
-    def capture(self, run: Callable[[], torch.Tensor]):
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()                                     # warm-up on a side stream, as torch.cuda.graphs asks
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = run()
+    def capture(self, run: Callable[[], torch.Tensor], device: torch.device):
+        with torch.cuda.device(device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()                                 # warm-up on a side stream, as torch.cuda.graphs asks
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA work (a second GPU's sampler) does not break this capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                output = run()
         return graph, output
 
     def replay(self, graph) -> None:
@@ -168,8 +170,10 @@ class GraphCache:
             return fn(*static_args, **static_kwargs)
 
         try:
-            graph, output = self.backend.capture(run)
+            graph, output = self.backend.capture(run, tensors[0].device if tensors else None)
         except Exception as e:                  # e.g. a synchronising operation inside the model
+            if isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ == "InterruptProcessingException":
+                raise                           # out of memory, or Cancel: not the graph's fault, try again later
             self.refused[key] = f"{type(e).__name__}: {e}"
             self.stats["eager"] += 1
             log.warning("comfy-turbo: this model call cannot be captured in a CUDA graph (%s); it runs without one.",

@@ -60,7 +60,7 @@ class EmulatedGraphs:
         self.weight_pointers = weight_pointers
         self.captured = 0
 
-    def capture(self, run):
+    def capture(self, run, device=None):
         output = run()
         self.captured += 1
         return {"run": run, "output": output,
@@ -116,7 +116,7 @@ def test_graph_cache_runs_uncapturable_calls_eagerly(pack, caplog):
     assert cache.stats == {"eager": 1}
 
     class Refusing(EmulatedGraphs):
-        def capture(self, run):
+        def capture(self, run, device=None):
             raise RuntimeError("operation not permitted when stream is capturing")
     cache = pack.cuda_graphs.GraphCache(backend=Refusing())
     with caplog.at_level(logging.WARNING, logger="comfy_turbo"):
@@ -235,7 +235,7 @@ def test_cuda_graphs_replay_through_lora_and_controlnet_changes(pack, model_file
     assert stats["recaptures"] == 1, "moved weights must re-capture, never replay"
 
 
-def test_cuda_graphs_step_aside_for_attention_patches(pack, model_files, caplog):
+def test_cuda_graphs_step_aside_for_attention_patches_and_other_wrappers(comfy, pack, model_files, caplog):
     ckpt = load(pack, model_files, SD_TURBO)
     cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
     backend = EmulatedGraphs()
@@ -246,3 +246,14 @@ def test_cuda_graphs_step_aside_for_attention_patches(pack, model_files, caplog)
         out = sample(pack, patched, cond)
     assert backend.captured == 0 and "attention patches" in caplog.text
     close(out, sample(pack, patched, cond))
+
+    wrapped = graphed.clone()                # another node's wrapper may decide per call: no graph either
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "someone.else",
+                                 lambda executor, *args, **kwargs: executor(*args, **kwargs))
+    with caplog.at_level(logging.INFO, logger="comfy_turbo"):
+        for _ in range(2):
+            sample(pack, wrapped, cond)
+    assert backend.captured == 0 and "other nodes wrap the model call (['someone.else'])" in caplog.text
+    for _ in range(2):                       # the same model without it captures
+        sample(pack, graphed, cond)
+    assert backend.captured == 1
