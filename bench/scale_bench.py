@@ -137,11 +137,13 @@ def markdown(results: dict) -> str:
         f"{results['commit']} (`{results['command']}`): RabbitMQ {results['rabbitmq']}, Celery {results['celery']}, "
         f"the tiny SD-Turbo at {results['size']}², {results['jobs']} jobs per measurement.", "",
         "| measure | value |", "|---|---|",
-        f"| one job, direct `/prompt` to a worker's ComfyUI (queue, wait, fetch the PNG), median | "
-        f"{m['direct_ms']['median']:.0f} ms |",
-        f"| one job through the broker to that worker (reply message with the PNG), median | "
-        f"{m['queued_ms']['median']:.0f} ms |",
-        f"| **queue overhead per job** | **{m['overhead_ms']:.0f} ms** |",
+        f"| one job, direct `/prompt` to a worker's ComfyUI (queue, wait, fetch the PNG), median (p10–p90) | "
+        f"{m['direct_ms']['median']:.0f} ms ({m['direct_ms']['p10']:.0f}–{m['direct_ms']['p90']:.0f}) |",
+        f"| one job through the broker to that worker (reply message with the PNG), median (p10–p90) | "
+        f"{m['queued_ms']['median']:.0f} ms ({m['queued_ms']['p10']:.0f}–{m['queued_ms']['p90']:.0f}) |",
+        f"| **queue overhead per job** (difference of the medians) | **{m['overhead_ms']:+.0f} ms**"
+        + (" (smaller than the jobs' own spread: not measurable here)"
+           if abs(m["overhead_ms"]) < (m["direct_ms"]["p90"] - m["direct_ms"]["p10"]) / 2 else "") + " |",
         f"| throughput, 1 worker | {t['1']['median']:.2f} jobs/s |",
         f"| throughput, 2 workers | {t['2']['median']:.2f} jobs/s |",
         f"| **2 workers / 1 worker** | **{m['ratio_2_vs_1']:.2f}×** |", "",
@@ -157,12 +159,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale")
     parser.add_argument("--name", help="results file name (default: cpu-<cpu model>)")
     parser.add_argument("--readme", action="store_true", help="refresh the README's fleet figures")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only re-render this results file")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
 
     def log(msg):
         print(f"[{time.monotonic() - t0:5.0f} s] {msg}", flush=True)
 
+    if args.render:                                   # re-render the markdown and README from the JSON
+        results = json.loads(args.render.read_text())
+        text = markdown(results)
+        args.render.with_suffix(".md").write_text("# comfy-turbo fleet benchmark\n\n" + text)
+        if args.readme:
+            report.replace_section(REPO / "README.md", README_START, README_END, text)
+        print(text)
+        return 0
     import celery
     measured = measure(args, log)
     name = args.name or "cpu-" + "-".join(cpu_name().lower().split()[:2])
