@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "scripts"))
 import models as bench_models  # noqa: E402
 import report  # noqa: E402
+from run import summary_ms  # noqa: E402  (the executor bench's median / p10 / p90)
 from local_fleet import WorkerProcess, import_scale, wait_for_workers  # noqa: E402
 from local_rabbitmq import LocalRabbitMQ, free_port  # noqa: E402
 
@@ -54,12 +55,6 @@ def job_prompt(seed: int, size: int) -> dict:
         if node["class_type"] == "SaveImage":
             node["inputs"]["filename_prefix"] = "fleet-bench/job"
     return prompt
-
-
-def summary_ms(seconds: list[float]) -> dict:
-    ms = sorted(s * 1000 for s in seconds)
-    q = statistics.quantiles(ms, n=10, method="inclusive")
-    return {"median": statistics.median(ms), "p10": q[0], "p90": q[-1], "n": len(ms)}
 
 
 def cpu_name() -> str:

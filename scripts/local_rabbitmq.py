@@ -21,14 +21,11 @@ import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_host import free_port  # noqa: E402
+
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")    # the scripts themselves, run as the current user
 DEBIAN_PACKAGE = "rabbitmq-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed() -> None:
