@@ -94,7 +94,8 @@ def decode(data, declared: str | None = None, width: int | None = None, height: 
         raise FrameError(f"the frame is {size} bytes; the limit is {limits.max_frame_bytes}. Send JPEG or WebP, "
                          "or a smaller image.", status=413)
     if declared is not None and declared not in FORMATS:
-        raise FrameError(f"format {declared!r} is not accepted; use one of {', '.join(FORMATS)}.", status=415)
+        raise FrameError(f"format {str(declared)[:20]!r} is not accepted; use one of {', '.join(FORMATS)}.",
+                         status=415)
     if declared == "rgba":
         if not isinstance(width, int) or not isinstance(height, int):
             raise FrameError("a raw RGBA frame needs its width and height (integers).")

@@ -71,9 +71,6 @@ def _timed_decode(data, declared, width, height):
 async def _receive(session_id: str, data, received_at: float, declared, width, height, frame_id,
                    client_id: str | None = None) -> dict:
     """Decode a frame off the event loop and keep it as the session's newest; the acknowledgement."""
-    if declared is not None and declared not in frames.FORMATS:
-        raise FrameError(f"format {str(declared)[:20]!r} is not accepted; use one of {', '.join(frames.FORMATS)}.",
-                         status=415)
     frame_id = _optional_int(frame_id, "frame_id") or STORE.next_frame_id(session_id)
     width, height = _optional_int(width, "width"), _optional_int(height, "height")
     pixels, decode_ms = await asyncio.get_running_loop().run_in_executor(
@@ -259,7 +256,7 @@ def _status_or_error(session_id: str, text: str) -> dict:
         session = STORE.get(session_id)
         return {"type": "status", **(session.status() if session else {"session": session_id})}
     return _error_body(FrameError('text messages are commands: {"type": "status"}; frames are binary messages '
-                                  "(see the README's Live protocol)."))
+                                  "(see docs/live.md, the protocol)."))
 
 
 def _uses_session(item, client_id: str, session_id: str) -> bool:

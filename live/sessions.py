@@ -248,11 +248,6 @@ class SessionStore:
         while self._decoding.get(session_id) and (left := deadline - time.monotonic()) > 0:
             self._decoded.wait(left)
 
-    def newest_frame_id(self, session_id: str, wait: float = DECODE_WAIT) -> int | None:
-        """The id of the session's newest frame (after any frame still decoding), or None."""
-        key = self.newest_frame_key(session_id, wait)
-        return None if key is None else key[1]
-
     def newest_frame_key(self, session_id: str, wait: float = DECODE_WAIT) -> tuple[int, int] | None:
         """(run, frame id) of the session's newest frame, unique across runs of a session; or None."""
         with self._lock:

@@ -15,7 +15,6 @@ from .schedule import (
 from .euler import (
     NOISE_SCALES,
     ancestral_step,
-    initial_noise_scale,
     sample_turbo_euler,
     seeded_noise_sampler,
 )
@@ -23,6 +22,6 @@ from .euler import (
 __all__ = [
     "NUM_TRAIN_TIMESTEPS", "SPACINGS", "STRENGTH_MODES", "TurboScheduleError", "effective_steps", "exact_timesteps",
     "scaled_linear_sigmas", "stability_timesteps", "trailing_timesteps", "turbo_sigmas",
-    "turbo_timesteps", "NOISE_SCALES", "ancestral_step", "initial_noise_scale",
+    "turbo_timesteps", "NOISE_SCALES", "ancestral_step",
     "sample_turbo_euler", "seeded_noise_sampler",
 ]

@@ -118,10 +118,6 @@ class GraphCache:
         self.refused: dict = {}
         self.stats: Counter = Counter()
 
-    def clear(self) -> None:
-        self.graphs.clear()
-        self.warmed.clear()
-
     def __call__(self, fn: Callable[..., torch.Tensor], weight_pointers: Callable[[], tuple], args: tuple,
                  kwargs: dict, extra_key: Hashable = ()) -> torch.Tensor:
         """``fn(*args, **kwargs)``, from a graph when one can be used.

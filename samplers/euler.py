@@ -30,22 +30,6 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return sigma_down, sigma_up
 
 
-def initial_noise_scale(sigma_start: float, sigma_max: float, mode: str = "diffusers") -> float:
-    """What the initial unit noise is multiplied by before the first step.
-
-    * ``"diffusers"``: ``sigma_start``. diffusers' ``init_noise_sigma`` is ``sigma_max`` for
-      trailing/linspace spacing, and img2img adds ``noise * sigma_start``.
-    * ``"comfy"``: ComfyUI's default ``EPS.noise_scaling``: ``sqrt(1 + sigma²)`` when the schedule
-      starts at the model's sigma_max (about 0.2% more noise at 14.6), else ``sigma_start``.
-    """
-    if mode == "diffusers":
-        return float(sigma_start)
-    if mode == "comfy":
-        starts_at_max = math.isclose(sigma_start, sigma_max, rel_tol=1e-5) or sigma_start > sigma_max
-        return math.sqrt(1.0 + sigma_start ** 2) if starts_at_max else float(sigma_start)
-    raise ValueError(f"Unknown noise scale {mode!r}: use one of {', '.join(NOISE_SCALES)}.")
-
-
 def seeded_noise_sampler(x: torch.Tensor, seed: Optional[int]) -> NoiseSampler:
     """Fresh Gaussian noise per step from a generator seeded with ``seed + 1``.
 

@@ -120,7 +120,7 @@ def test_the_newest_frame_wins_and_overtaken_frames_count_as_dropped():
     assert store.put("s", frame(1))[0]
     assert store.put("s", frame(3))[0]              # 1 was never used: dropped
     accepted, session = store.put("s", frame(2))    # arrives late: older than the one held
-    assert not accepted and store.newest_frame_id("s") == 3
+    assert not accepted and store.newest_frame_key("s")[1] == 3
     taken, _ = store.take("s", "prompt-a")
     assert taken.id == 3
     store.take("s", "prompt-b")                     # the same frame again is one use
@@ -158,7 +158,7 @@ def test_one_client_attaches_at_a_time_and_a_new_run_starts_fresh():
     session = store.attach("s", "tab-2", second)
     assert session.client_id == "tab-2" and session.frame is None and store.next_frame_id("s") == 1
     store.put("s", frame(1), "tab-2")
-    assert store.newest_frame_id("s") == 1
+    assert store.newest_frame_key("s")[1] == 1
     assert store.newest_frame_key("s") != (first_run, 1)       # frame 1 of this run is not frame 1 of the last
 
 

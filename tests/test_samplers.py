@@ -95,14 +95,6 @@ def test_ancestral_step_matches_diffusers_formula():
     assert s.ancestral_step(sigma_from, 0.0, 1.0) == (0.0, 0.0)
 
 
-def test_initial_noise_scale_modes():
-    assert s.initial_noise_scale(14.6146, 14.6146, "diffusers") == pytest.approx(14.6146)
-    assert s.initial_noise_scale(14.6146, 14.6146, "comfy") == pytest.approx(math.sqrt(1 + 14.6146 ** 2))
-    assert s.initial_noise_scale(1.6, 14.6146, "comfy") == pytest.approx(1.6)   # img2img: no sqrt term
-    with pytest.raises(ValueError, match="noise scale"):
-        s.initial_noise_scale(1.0, 14.6, "karras")
-
-
 class CountingDenoiser:
     """x0 prediction of a toy linear model; counts its calls."""
 
