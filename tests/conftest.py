@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_host import cache_dir  # noqa: E402
 
+pytest_plugins = ["skip_policy"]      # a skip must name a GPU or a second host; any other fails the run
+
 
 def _register_pack() -> None:
     """Import the repo as the package ``comfy_turbo`` (its folder name may not be importable)."""

@@ -14,8 +14,8 @@
 * :func:`inject_ancestral_noise`: how we make diffusers' ``EulerAncestralDiscreteScheduler.step`` use
   the same noise tensors as our sampler's ``noise_sampler``.
 * :func:`parity_record`: a pytest fixture that records each measured max error; the records are
-  merged into the JSON file named by ``$COMFY_TURBO_PARITY_REPORT`` (when set) for the README's
-  "Parity" table, and attached to the test's ``user_properties`` (visible in JUnit XML).
+  merged into the JSON file named by ``$COMFY_TURBO_PARITY_REPORT`` (when set) for the table in
+  docs/parity.md, and attached to the test's ``user_properties`` (visible in JUnit XML).
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def setup_comfyui() -> Path:
     global _COMFY_READY
     path = comfyui_path()
     if not (path / "comfy").is_dir():
-        pytest.skip(f"ComfyUI not found at {path} (set COMFYUI_PATH)")
+        pytest.fail(f"ComfyUI not found at {path}: set COMFYUI_PATH to a ComfyUI checkout, or run the tests "
+                    "with `bash scripts/test.sh`.")
     if _COMFY_READY:
         return path
     for p in (str(REPO_ROOT), str(path)):
@@ -203,7 +204,8 @@ def load_repo_module(relpath: str):
         sys.modules[alias] = pkg
     rel = Path(relpath)
     if not (REPO_ROOT / rel).exists():
-        pytest.skip(f"{relpath} does not exist in this checkout yet")
+        pytest.fail(f"{relpath} does not exist: the parity tests import it by path, so a renamed or moved module "
+                    "must be renamed here too.")
     parts = list(rel.with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
@@ -323,7 +325,7 @@ def parity_record(request):
 
 
 def markdown_table(report_path: str, grouped: bool = False) -> str:
-    """The README "Parity" table from a ``$COMFY_TURBO_PARITY_REPORT`` file.
+    """The docs/parity.md table from a ``$COMFY_TURBO_PARITY_REPORT`` file.
 
     ``grouped``: one row per case family (the first two ``/``-parts of the case name; for
     trajectories and model runs also the txt2img/img2img part, and for trajectories the sigma
