@@ -235,7 +235,7 @@ def test_a_50_frame_loop_on_a_tiny_model(host, user_models):
     # The text encoder node runs only when the text changes (A, B, A), and going back to A is a memo hit.
     encodes = [(pid, seconds["2"]) for pid in loop.prompts if "2" in (seconds := loop.node_seconds(pid))]
     assert len(encodes) == 3, encodes
-    assert encodes[2][1] * 10 < encodes[0][1], encodes
+    assert encodes[2][1] * 2 < encodes[0][1], encodes        # a wide gap: a memo hit runs no text encoder
     # The binary messages are ComfyUI's type 4 with our metadata; the images are JPEG at the graph's size.
     for output in outputs:
         meta = output.metadata
@@ -298,9 +298,11 @@ def test_a_live_graph_with_lora_controlnet_and_the_fast_path_changes_while_it_ru
     assert first.image != edited.image != new_frame.image
 
 
-def test_frames_pushed_at_60_fps_into_a_slow_graph_keep_latency_flat(host, user_models):
-    """Backpressure: a graph far slower than the camera. Frames that no prompt takes are dropped and counted;
-    latency stays near one or two frame times instead of growing with a queue."""
+def test_frames_pushed_at_60_fps_into_a_slow_graph_queue_nothing(host, user_models):
+    """Backpressure: a graph far slower than the camera. Frames that no prompt takes are dropped and counted,
+    and nothing queues up: every output is made from a frame newer than any that had been pushed when the
+    output before last was shown, so latency stays within about two prompts instead of growing with a queue
+    (an ordering of events, not a timing, so a loaded machine cannot flip it)."""
     session = new_session()
     prompt = live_twin("turbo_live_webcam", session, size=192)
     with LiveClient(host.url, session) as client:
@@ -308,10 +310,10 @@ def test_frames_pushed_at_60_fps_into_a_slow_graph_keep_latency_flat(host, user_
         loop.push_frame(encode(webcam_like(0, 192)))
         wait_for(loop, lambda: loop.outputs, timeout=300)          # models loaded
         warm = len(loop.outputs)
-        start, pushed = time.perf_counter(), 0
+        start, pushed, push_times = time.perf_counter(), 0, []
         while time.perf_counter() - start < 8.0:
             pushed += 1
-            loop.push_frame(encode(webcam_like(pushed, 192)))
+            push_times.append((time.perf_counter(), loop.push_frame(encode(webcam_like(pushed, 192)))))
             loop.pump(max(0.0, start + pushed / 60 - time.perf_counter()))
         loop.drain(timeout=120)
         status = host.get_json(f"/comfy-turbo/live/{session}")["frames"]
@@ -321,9 +323,10 @@ def test_frames_pushed_at_60_fps_into_a_slow_graph_keep_latency_flat(host, user_
     print(f"\n{pushed} frames at 60 fps, {len(latencies)} shown; latency ms {[round(x) for x in latencies]}; "
           f"prompt {graph_ms:.0f} ms; server counters {status}")
     assert len(latencies) >= 4
-    third = max(1, len(latencies) // 3)
-    assert statistics.median(latencies[-third:]) < 2 * statistics.median(latencies[:third]), latencies
-    assert max(latencies) < 4 * graph_ms + 1000, (latencies, graph_ms)
+    shown = loop.outputs[warm:]
+    for before_last, output in zip(shown, shown[2:]):
+        newest_then = max((frame for at, frame in push_times if at <= before_last.shown_at), default=0)
+        assert output.frame_id > newest_then, (output.frame_id, newest_then, [o.frame_id for o in shown])
     assert status["received"] == pushed + 1
     assert status["dropped"] == status["received"] - status["used"] >= pushed // 2
     assert loop.max_queue_remaining <= 1
