@@ -3,7 +3,7 @@
 
     bash bench/live.sh                                  # CPU: tiny checkpoints, 512x512 frames
     bash bench/live.sh --device cuda --models full      # GPU: full-size SD-Turbo and SDXL-Turbo
-    python bench/live_bench.py --readme README.md             # refresh the README's Live figures only
+    python bench/live_bench.py --page docs/live.md            # only re-render the figures in docs/live.md
 
 Stock's best equivalent of a live loop is what its web UI offers: Run (Instant) re-queues the graph
 each time the queue empties (strictly one after another, no frame dropping), the core webcam node
@@ -25,7 +25,9 @@ Measured, ours and stock alternating in one run:
 4. **prompt-as-you-type** (``turbo_live_txt2img``): a sentence typed at 8 characters a second;
    edit-to-pixels p50/p95, from each keystroke to the first picture that includes it.
 
-Results go to ``bench/results/live/<device>-<device model>.{json,md}``.
+Results go to ``bench/results/live/<device>-<device model>.{json,md}``; ``--page docs/live.md`` re-renders
+those .md files and the section of docs/live.md between ``PAGE_START`` and ``PAGE_END`` from the JSON
+(tests/test_live_bench.py checks that the page is up to date).
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ import models as bench_models  # noqa: E402
 import report  # noqa: E402
 from run import device_name, git_commit, slug  # noqa: E402
 
-README_START, README_END = "<!-- live-figures:start -->", "<!-- live-figures:end -->"
+PAGE = REPO / "docs" / "live.md"
+PAGE_START, PAGE_END = "<!-- live-figures:start -->", "<!-- live-figures:end -->"
 MD_HEADER = "# Turbo Live benchmark\n\nWritten by `bench/live.sh` (bench/live_bench.py explains the method).\n\n"
 RESULTS = REPO / "bench" / "results" / "live"      # apart from bench/run.py's results in bench/results/
 WORKFLOWS = REPO / "workflows" / "api"
@@ -396,7 +399,7 @@ def start_host(base: Path, device: str, model_set: str, families: list[str]) -> 
 
 
 def render(results: dict) -> str:
-    """The markdown of one results file (also the README's Live figures)."""
+    """The markdown of one results file (also the figures in docs/live.md)."""
     r = results
     t = r["transport"]
     lines = [f"**{r['device_name']}** ({r['device']}, {r['models']} models, ComfyUI {r['comfyui_version']}, "
@@ -470,15 +473,16 @@ def results_path(results: dict) -> Path:
     return RESULTS / f"{results['device']}-{slug(results['device_name'])}.json"
 
 
-def readme_section() -> str:
+def page_section() -> str:
+    """The figures of docs/live.md: every committed results file, rendered."""
     files = sorted(RESULTS.glob("*.json"))
     if not files:
         return "No live benchmark results are committed yet."
     return "\n\n".join(render(json.loads(f.read_text())) for f in files)
 
 
-def update_readme(readme: Path) -> None:
-    report.replace_section(readme, README_START, README_END, readme_section())
+def update_page(page: Path = PAGE) -> None:
+    report.replace_section(page, PAGE_START, PAGE_END, page_section())
 
 
 def main(argv=None) -> int:
@@ -500,14 +504,15 @@ def main(argv=None) -> int:
     parser.add_argument("--typing-text", default=SENTENCE, help=f"what is typed (default {SENTENCE!r})")
     parser.add_argument("--threads", type=int, help="torch threads of the server (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/live/<device>-<model>.json)")
-    parser.add_argument("--readme", type=Path, help="only re-render bench/results/live/*.md and this README's Live "
-                                                     "figures from the results JSON")
+    parser.add_argument("--page", type=Path, metavar="PAGE",
+                        help="only re-render bench/results/live/*.md and the figures in this docs page "
+                             "(docs/live.md) from the results JSON")
     args = parser.parse_args(argv)
-    if args.readme:
+    if args.page:
         for path in RESULTS.glob("*.json"):
             path.with_suffix(".md").write_text(MD_HEADER + render(json.loads(path.read_text())) + "\n")
-        update_readme(args.readme)
-        print("updated", args.readme)
+        update_page(args.page)
+        print("updated", args.page)
         return 0
     model_set = args.models or ("tiny" if args.device == "cpu" else "full")
     model_size = args.model_size or (128 if args.device == "cpu" else args.size)

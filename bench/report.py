@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Render benchmark results: a markdown table and a PNG chart next to each JSON, and the README section.
+"""Render benchmark results: a markdown table and a PNG chart next to each JSON, and docs/performance.md.
 
     python bench/report.py bench/results/cpu-amd-epyc.json          # rewrite its .md and .png
-    python bench/report.py --readme README.md                       # refresh the Performance section
+    python bench/report.py --page docs/performance.md               # refresh the page's generated section
+
+The page's section between the markers PAGE_START and PAGE_END is rendered from every committed
+bench/results/*.json; tests/test_fastpath_bench.py checks that it is up to date.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from graphs import PATHS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
+PAGE = REPO / "docs" / "performance.md"
+PAGE_START, PAGE_END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 LABELS = {"stock": "stock ComfyUI", "stock-taesd": "stock + TAESD", "ours": "ours (default)",
           "ours-fast": "ours fast path", "ours-fast-taesd": "ours fast + TAESD"}
@@ -249,11 +254,17 @@ def write_all(json_path: Path) -> list[Path]:
     return [Path(json_path), md, png]
 
 
-def readme_section() -> str:
+def page_section(page: Path = PAGE) -> str:
+    """The generated part of the performance page, with links relative to ``page``'s folder."""
     files = sorted(RESULTS.glob("*.json"))
     cpu = [json.loads(f.read_text()) | {"_file": f} for f in files if f.name.startswith("cpu-")]
     gpu = [json.loads(f.read_text()) | {"_file": f} for f in files if f.name.startswith("cuda-")]
-    out = ["## Performance", "",
+    here = Path(page).resolve().parent
+
+    def link(path: Path) -> str:
+        return Path(os.path.relpath(path, here)).as_posix()
+
+    out = ["## How it is measured", "",
            "`bench/` measures the stock ComfyUI graph (CheckpointLoaderSimple, CLIPTextEncode, SDTurboScheduler, "
            "SamplerCustom with euler_ancestral at cfg 1, VAEDecode) and ours side by side, in one process, through "
            "ComfyUI's own executor. Paths: **ours (default)** is Load Turbo Checkpoint, Turbo Text Encode, Turbo "
@@ -261,13 +272,14 @@ def readme_section() -> str:
            "(SDPA attention, channels_last, torch.compile) and compiled decoders; **+ TAESD** decodes with "
            "TAESD/TAESDXL (core VAELoader for stock). Latency is per prompt with a new seed each run (the unchanged "
            "prompt stays cached in every path); medians of 20+ warm runs, paths alternating run by run.", "",
-           *NODES_DOC]
+           *fast_path_lines(link(REPO / "docs" / "nodes.md"))]
     for results in cpu:
-        rel = results["_file"].relative_to(REPO)
-        out += [f"### CPU: {results['device_name']}", "",
+        rel = results["_file"].with_suffix("")
+        out += [f"## CPU: {results['device_name']}", "",
                 "Random-weight stand-ins (shallow UNets, real-size text encoders and VAE) at reduced size, "
-                f"so that it runs in minutes; full results, stages and memory in [`{rel.with_suffix('.md')}`]"
-                f"({rel.with_suffix('.md')}).", "", f"![CPU benchmark]({rel.with_suffix('.png')})", ""]
+                f"so that it runs in minutes; full results, stages and memory in "
+                f"[`{rel.relative_to(REPO).as_posix()}.md`]({link(rel.with_suffix('.md'))}).", "",
+                f"![CPU benchmark]({link(rel.with_suffix('.png'))})", ""]
         for family, entry in results["models"].items():
             runs = entry["runs"]
             threads = sorted({r["threads"] for r in runs})
@@ -285,14 +297,14 @@ def readme_section() -> str:
         out += [f"| {t} | {m} | {s} |" for t, m, s in targets(results)] + [""]
     if gpu:
         for results in gpu:
-            rel = results["_file"].relative_to(REPO)
-            out += [f"### GPU: {results['device_name']}", "", f"![GPU benchmark]({rel.with_suffix('.png')})", ""]
+            rel = results["_file"].with_suffix("")
+            out += [f"## GPU: {results['device_name']}", "", f"![GPU benchmark]({link(rel.with_suffix('.png'))})", ""]
             for family, entry in results["models"].items():
                 out += [f"**{model_heading(family, entry)}**", ""] + latency_table(entry) + [""]
             out += ["| target | measured | status |", "|---|---|---|"]
             out += [f"| {t} | {m} | {s} |" for t, m, s in targets(results)] + [""]
     else:
-        out += ["### GPU: pending",
+        out += ["## GPU: pending",
                 "", "No GPU was available to this work, so the GPU targets (SDXL-Turbo 512², 1 step, batch 1: ≤ 12 ms "
                 "with TAESD, ≤ 25 ms with the full VAE; SD-Turbo with TAESD ≤ 6 ms; ≥ 3× faster than stock in the "
                 "same run) are **not yet measured**, and Turbo Fast Path's `cuda_graphs` option has only run on "
@@ -300,7 +312,7 @@ def readme_section() -> str:
                 "the one command under *Reproduce* below. For comparison when it has run:", ""]
     out += ["| published anchor | figure | source |", "|---|---|---|"]
     out += [f"| {a} | {f} | {s} |" for a, f, s in ANCHORS] + [""]
-    out += ["**Reproduce.** CPU (tiny checkpoints, 128², about half an hour on 2 cores):", "",
+    out += ["## Reproduce", "", "CPU (tiny checkpoints, 128², about half an hour on 2 cores):", "",
             "```", "bash bench/run.sh", "```", "",
             "GPU (generates random-weight full-size SD-Turbo and SDXL-Turbo, 2.6 + 6.9 GB, into "
             "`~/.cache/comfy-turbo/bench-models` on first use, then 512², 1 and 4 steps, batch 1 and 4, the fast "
@@ -311,52 +323,50 @@ def readme_section() -> str:
             "# with an existing environment: COMFYUI_PATH=/path/to/ComfyUI python bench/run.py --device cuda",
             "```", "",
             "Results land in `bench/results/<device>-<device model>.{json,md,png}`; "
-            "`python bench/report.py --readme README.md` refreshes this section from them."]
+            "`bash bench/run.sh` then refreshes this page from them (`python bench/report.py --page docs/performance.md` "
+            "does it alone)."]
     return "\n".join(out)
 
 
-NODES_DOC = [
-    "The fast path is opt-in, three nodes in **sampling/turbo**, all safe to leave at their defaults:", "",
-    "| node | inputs | what it does |", "|---|---|---|",
-    "| **Turbo Fast Path** (`TurboFastPath`) | `model`; `attention` sdpa / comfy; `sdpa_backend` auto / flash / "
-    "efficient / cudnn / math; `channels_last` (on); `compile` off / inductor / inductor-max-autotune (off); "
-    "`cuda_graphs` (off) | A MODEL clone whose single CFG-free UNet call uses PyTorch SDPA attention (ComfyUI's "
-    "`optimized_attention_override`), channels_last convolutions, optionally `torch.compile` (inductor, fixed "
-    "shapes, one compile per UNet reused by every clone) and optionally CUDA graphs (one per input shape and "
-    "ControlNet layout, replayed while the weights stay put). LoRA patches and ControlNet residuals still apply: "
-    "LoRAs are patched in place into the same weight tensors, which are inputs of the compiled graph and of the "
-    "captured CUDA graph; a ControlNet recompiles and captures once. |",
-    "| **Turbo Text Encode (cached)** (`TurboTextEncode`) | `clip`, `text` | CLIP Text Encode, plus a memo of the "
-    "last 32 prompts keyed by the text encoder object, its LoRA patches (`patches_uuid`), CLIP skip and tokenizer "
-    "options: toggling between prompts costs no encoder pass. |",
-    "| **Turbo VAE Decode** (`TurboVAEDecode`) | `samples`, `vae`; `decoder` vae / taesd / taesdxl; `precision` "
-    "auto / fp32 / fp16 / bf16; `compile` (off) | VAE Decode with the tiny TAESD decoders (from "
-    "`models/vae_approx`), a decoder precision, and no black or NaN images: a decode with a non-finite pixel (SDXL's "
-    "VAE overflows fp16) is redone in fp32, and that VAE stays in fp32. |", "",
-]
+def fast_path_lines(nodes_page: str) -> list[str]:
+    """What the fast-path columns are, with a link to the node reference."""
+    return [
+        "The fast path is opt-in: three nodes in **sampling/turbo**, all safe to leave at their defaults, **Turbo "
+        "Fast Path** (`TurboFastPath`: SDPA attention, channels_last, optional torch.compile and CUDA graphs; LoRA "
+        "and ControlNet still apply), **Turbo Text Encode (cached)** (`TurboTextEncode`: a memo of the last 32 "
+        "prompts, so toggling between prompts costs no encoder pass) and **Turbo VAE Decode** (`TurboVAEDecode`: "
+        "TAESD/TAESDXL from `models/vae_approx`, a decoder precision, no black or NaN images). Every input is in "
+        f"the [node reference]({nodes_page}).", ""]
 
 
-def replace_section(readme: Path, start_marker: str, end_marker: str, section: str) -> None:
-    """Put `section` between the two marker lines of a README."""
-    text = readme.read_text()
+def replace_section(page: Path, start_marker: str, end_marker: str, section: str) -> None:
+    """Put `section` between the two marker lines of a docs page."""
+    text = Path(page).read_text()
     start, end = text.index(start_marker), text.index(end_marker)
-    readme.write_text(text[:start + len(start_marker)] + "\n" + section + "\n" + text[end:])
+    Path(page).write_text(text[:start + len(start_marker)] + "\n" + section + "\n" + text[end:])
 
 
-def update_readme(readme: Path) -> None:
-    replace_section(readme, README_START, README_END, readme_section())
+def section_of(page: Path, start_marker: str, end_marker: str) -> str:
+    """What stands between the two marker lines of a docs page now."""
+    text = Path(page).read_text()
+    return text[text.index(start_marker) + len(start_marker):text.index(end_marker)]
+
+
+def update_page(page: Path = PAGE) -> None:
+    replace_section(page, PAGE_START, PAGE_END, page_section(page))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*", type=Path, help="results JSON files to render")
-    parser.add_argument("--readme", type=Path, help="README whose performance section to refresh")
+    parser.add_argument("--page", type=Path, metavar="PAGE",
+                        help="docs page whose generated performance section to refresh (docs/performance.md)")
     args = parser.parse_args(argv)
     for path in args.results:
         print("wrote", ", ".join(map(str, write_all(path))))
-    if args.readme:
-        update_readme(args.readme)
-        print("updated", args.readme)
+    if args.page:
+        update_page(args.page)
+        print("updated", args.page)
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fleet benchmark: throughput with 1 and 2 workers and the queue's overhead per prompt, on this
 # machine (a private RabbitMQ, two workers with their own ComfyUI). Provisions the cached environment
-# if needed; arguments go to bench/scale_bench.py (--help).
+# if needed; arguments go to bench/scale_bench.py (--help). Results land in bench/results/scale/;
+# with --page docs/scale.md the run also writes its figures into the Scale out page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

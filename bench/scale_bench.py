@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The fleet on this machine: throughput with 1 and 2 workers, and the queue's overhead per prompt.
 
-    bash bench/scale.sh                 # tiny SD-Turbo, 64x64, 20 jobs per measurement
-    bash bench/scale.sh --readme        # and refresh the README's figures
+    bash bench/scale.sh                         # tiny SD-Turbo, 64x64, 20 jobs per measurement
+    bash bench/scale.sh --page docs/scale.md    # and write the figures into docs/scale.md
+    python bench/scale_bench.py --render bench/results/scale/cpu-amd-epyc.json --page docs/scale.md
+                                                # no run: re-render a results file's .md and the page
 
 A private RabbitMQ (scripts/local_rabbitmq.py) and two workers (``python -m scale.worker``, each with
 its own ComfyUI, --cpu, one torch thread), all on 127.0.0.1. The job is the shipped
@@ -43,7 +45,8 @@ from scale.client import Fleet  # noqa: E402
 from scale.comfy import ComfyClient  # noqa: E402
 from scale import workflow as fleet_workflow  # noqa: E402
 
-README_START, README_END = "<!-- scale-figures:start -->", "<!-- scale-figures:end -->"
+PAGE_START, PAGE_END = "<!-- scale-figures:start -->", "<!-- scale-figures:end -->"
+MD_HEADER = "# comfy-turbo fleet benchmark\n\n"
 WORKFLOW = REPO / "workflows" / "api" / "turbo_txt2img_sd_api.json"
 
 
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale")
     parser.add_argument("--name", help="results file name (default: cpu-<cpu model>)")
-    parser.add_argument("--readme", action="store_true", help="refresh the README's fleet figures")
+    parser.add_argument("--page", type=Path, metavar="PAGE",
+                        help="also write the figures into this docs page (docs/scale.md), between its markers")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only re-render this results file")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
@@ -161,12 +165,12 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.monotonic() - t0:5.0f} s] {msg}", flush=True)
 
-    if args.render:                                   # re-render the markdown and README from the JSON
+    if args.render:                                   # re-render the markdown (and the page) from the JSON
         results = json.loads(args.render.read_text())
         text = markdown(results)
-        args.render.with_suffix(".md").write_text("# comfy-turbo fleet benchmark\n\n" + text)
-        if args.readme:
-            report.replace_section(REPO / "README.md", README_START, README_END, text)
+        args.render.with_suffix(".md").write_text(MD_HEADER + text)
+        if args.page:
+            report.replace_section(args.page, PAGE_START, PAGE_END, text)
         print(text)
         return 0
     import celery
@@ -184,12 +188,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     text = markdown(results)
-    (args.out / f"{name}.md").write_text("# comfy-turbo fleet benchmark\n\n" + text)
+    (args.out / f"{name}.md").write_text(MD_HEADER + text)
     log(f"wrote {args.out / name}.json and .md")
     print(text)
-    if args.readme:
-        report.replace_section(REPO / "README.md", README_START, README_END, text)
-        log("README updated")
+    if args.page:
+        report.replace_section(args.page, PAGE_START, PAGE_END, text)
+        log(f"{args.page} updated")
     return 0
 
 

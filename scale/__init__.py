@@ -2,5 +2,5 @@
 
 Install the extra (``pip install 'comfy-turbo[scale]'``, i.e. Celery), run a RabbitMQ broker, start
 ``python -m scale.worker`` next to each ComfyUI and submit with ``python -m scale.client`` or
-``scale.client.Fleet``. See the README's "Scale out" section.
+``scale.client.Fleet``. See docs/scale.md.
 """

@@ -1,4 +1,4 @@
-"""A Turbo Live client without a browser: the protocol of the README's Live section, in Python.
+"""A Turbo Live client without a browser: the protocol of docs/live.md, in Python.
 
 It does what the web UI's Turbo Live panel does (web/turbo_live.js), and the tests and the live
 benchmark drive the server with it:

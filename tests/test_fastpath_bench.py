@@ -63,9 +63,9 @@ def test_full_size_configs_match_the_released_models(comfy, name, family):
     assert type(detected).__name__ == family
 
 
-def test_committed_results_cover_the_issue_settings_and_the_readme_shows_them():
+def test_committed_results_cover_the_issue_settings_and_the_performance_page_shows_them():
     """bench/results/ holds whole runs (both models, 1 and 4 steps, batch 1 and 4, every path, 20+ rounds),
-    and the README's Performance section is exactly what bench/report.py renders from them."""
+    and docs/performance.md's generated section is exactly what bench/report.py renders from them."""
     import report
     files = sorted((REPO / "bench" / "results").glob("*.json"))
     assert any(f.name.startswith("cpu-") for f in files), "no CPU results committed under bench/results/"
@@ -79,10 +79,9 @@ def test_committed_results_cover_the_issue_settings_and_the_readme_shows_them():
             assert all(r["latency_ms"]["n"] >= 20 for r in entry["rows"]), (f.name, family)
             for suffix in (".md", ".png"):
                 assert f.with_suffix(suffix).exists(), f"{f.with_suffix(suffix).name} missing: run bench/report.py"
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index(report.README_START) + len(report.README_START):readme.index(report.README_END)]
-    assert section.strip() == report.readme_section().strip(), \
-        "README Performance section is stale: run `python bench/report.py --readme README.md`"
+    section = report.section_of(report.PAGE, report.PAGE_START, report.PAGE_END)
+    assert section.strip() == report.page_section().strip(), \
+        "docs/performance.md is stale: run `python bench/report.py --page docs/performance.md`"
 
 
 def test_rerunning_one_setting_replaces_only_that_setting_and_keeps_notes():

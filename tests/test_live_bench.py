@@ -1,4 +1,4 @@
-"""The live benchmark (bench/live_bench.py): a short real run, and the committed results behind the README.
+"""The live benchmark (bench/live_bench.py): a short real run, and the committed results behind docs/live.md.
 
 Only structure and sanity are checked, never speed: the figures live in bench/results/live/.
 """
@@ -39,7 +39,7 @@ def test_live_bench_runs_ours_and_stock_side_by_side(tmp_path, model_files):
     assert "| transport, no model" in md and "per-frame overhead outside the model" in md
 
 
-def test_committed_live_results_cover_every_measurement_and_the_readme_shows_them():
+def test_committed_live_results_cover_every_measurement_and_the_live_page_shows_them():
     import live_bench
     files = sorted((REPO / "bench" / "results" / "live").glob("*.json"))
     assert files, "commit the CPU results of `bash bench/live.sh`"
@@ -50,7 +50,7 @@ def test_committed_live_results_cover_every_measurement_and_the_readme_shows_the
         assert results["stream"] and all(s["seconds"] >= 20 for s in results["stream"])
         assert results["typing"] and all(t["characters"] >= 20 for t in results["typing"])
         assert path.with_suffix(".md").read_text().strip().endswith(live_bench.render(results).strip())
-    readme = (REPO / "README.md").read_text()
-    start, end = readme.index(live_bench.README_START), readme.index(live_bench.README_END)
-    assert readme[start + len(live_bench.README_START):end].strip() == live_bench.readme_section().strip(), \
-        "README Live figures are stale: run `python bench/live_bench.py --readme README.md`"
+    page = live_bench.PAGE.read_text()
+    start, end = page.index(live_bench.PAGE_START), page.index(live_bench.PAGE_END)
+    assert page[start + len(live_bench.PAGE_START):end].strip() == live_bench.page_section().strip(), \
+        "docs/live.md's figures are stale: run `python bench/live_bench.py --page docs/live.md`"
