@@ -11,8 +11,8 @@ The Turbo Live workflows are run with the Turbo Live panel instead: Live is pres
 the rest of the panel's behaviour).
 
 Screenshots go to out/screenshots/ (COMFY_TURBO_SCREENSHOTS moves them). With
-COMFY_TURBO_UPDATE_GALLERY=1 they also refresh docs/screenshots/ (the README gallery) and the
-template thumbnails workflows/<name>.jpg.
+COMFY_TURBO_UPDATE_GALLERY=1 they also refresh docs/screenshots/ (the gallery in the README and
+docs/workflows.md) and the template thumbnails workflows/<name>.jpg.
 
 Chromium is Debian's `chromium` package, installed with apt-get when missing.
 """
@@ -47,6 +47,7 @@ UI_SETTINGS = {
     "Comfy.Minimap.Visible": False,
     "LiteGraph.Canvas.MinFontSizeForLOD": 0,         # draw node text at the zoom that fits the whole graph
     "Comfy.Workflow.Persist": False,                 # every page starts empty, not with the last graph
+    "Comfy.Validation.Workflows": True,              # the frontend's schema check on every load (its default)
 }
 NAMES = gallery_names_by_checkpoint()
 UPDATE_GALLERY = os.environ.get("COMFY_TURBO_UPDATE_GALLERY") == "1"
@@ -54,15 +55,22 @@ SCREENSHOTS = Path(os.environ.get("COMFY_TURBO_SCREENSHOTS", REPO / "out" / "scr
 GALLERY = REPO / "docs" / "screenshots"
 
 # Runs before the frontend's own scripts: note each completed app.loadGraphData (the Templates dialog
-# loads through it).
+# loads through it, and it runs the frontend's workflow validation), and every toast the frontend raises
+# (its validator reports a schema error with toast.addAlert, and link repairs with toast.add).
 INIT_SCRIPT = """
 localStorage.setItem('vueNodesBannerDismissed', 'true');
 window.__turboLoaded = [];
+window.__turboToasts = [];
 const __turboHook = setInterval(() => {
-  const app = window.app;
-  if (!app || !app.loadGraphData || app.__turboHooked) return;
+  const app = window.app, toast = app?.extensionManager?.toast;
+  if (!app || !app.loadGraphData || !toast?.$onAction || app.__turboHooked) return;
   app.__turboHooked = true;
   clearInterval(__turboHook);
+  toast.$onAction(({name, args}) => {
+    if (name === 'addAlert') window.__turboToasts.push({severity: 'warn', summary: 'Alert', detail: String(args[0])});
+    else if (name === 'add') window.__turboToasts.push({severity: String(args[0]?.severity),
+      summary: String(args[0]?.summary ?? ''), detail: String(args[0]?.detail ?? '')});
+  });
   const load = app.loadGraphData.bind(app);
   app.loadGraphData = async (...args) => {
     const result = await load(...args);
@@ -71,6 +79,10 @@ const __turboHook = setInterval(() => {
   };
 }, 10);
 """
+# The frontend's validator (useWorkflowValidation): a workflow that fails its zod schema raises an "Alert"
+# toast ("Invalid workflow against zod schema: ..."), one whose links it had to repair a "Workflow
+# Validation" warning and a "Workflow Links Fixed" notice.
+VALIDATION_SUMMARIES = ("Alert", "Workflow Validation", "Workflow Links Fixed")
 # What the frontend shows when something is wrong: dialogs (missing nodes/models, errors in 1.32), alerts,
 # and the status notices newer frontends use for missing nodes and model files.
 NOTICES = """(roles) => Array.from(document.querySelectorAll(roles.map(r => `[role=${r}]`).join(',')))
@@ -163,6 +175,16 @@ class UiPage:
     def notices(self, roles=tuple(LOAD_NOTICE_ROLES)) -> list[str]:
         return self.evaluate(NOTICES, list(roles))
 
+    def toasts(self) -> list[dict]:
+        """Every toast raised since the page booted: {severity, summary, detail}."""
+        return self.evaluate("() => window.__turboToasts")
+
+    def validation_problems(self) -> list[str]:
+        """What the frontend's workflow validation reported (schema errors, repaired links), and any
+        other warning or error toast."""
+        return [f"{t['severity']} {t['summary']}: {t['detail'][:2000]}" for t in self.toasts()
+                if t["summary"] in VALIDATION_SUMMARIES or t["severity"] in ("warn", "error")]
+
     def open_template(self, name):
         """Templates dialog -> the pack's category -> the workflow's card, as a user picks it."""
         self.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
@@ -235,6 +257,8 @@ def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
     page, workflow, api = ui_page, load_ui(name), load_api_twin(name)
 
     page.open_template(name)
+    assert page.evaluate("() => app.extensionManager.setting.get('Comfy.Validation.Workflows')") is True
+    assert page.validation_problems() == []          # the frontend's own schema check passed
     assert page.notices() == []
     loaded = page.evaluate("() => app.graph.nodes.map(n => [String(n.id), n.type, !!n.has_errors])")
     assert sorted(loaded) == sorted([str(node["id"]), node["type"], False] for node in workflow["nodes"])
@@ -298,3 +322,28 @@ def test_a_missing_node_or_model_file_is_noticed(ui_page, broken):
     missing = next(iter(broken.values()))
     ui_page.page.wait_for_function(
         f"() => ({NOTICES})({json.dumps(LOAD_NOTICE_ROLES)}).some(t => t.includes({json.dumps(missing)}))")
+
+
+def _broken_structure(kind: str) -> dict:
+    workflow = load_ui("turbo_txt2img")
+    if kind == "node-without-position":
+        del workflow["nodes"][0]["pos"]
+    elif kind == "link-with-five-fields":
+        workflow["links"][0] = workflow["links"][0][:5]
+    elif kind == "link-its-target-does-not-hold":       # the target's input forgot the link: a stale link
+        _, _, _, target, slot, _ = workflow["links"][0]
+        next(n for n in workflow["nodes"] if n["id"] == target)["inputs"][slot]["link"] = None
+    return workflow
+
+
+@pytest.mark.parametrize("kind, reported", [
+    ("node-without-position", "Invalid workflow against zod schema"),
+    ("link-with-five-fields", "Invalid workflow against zod schema"),
+    ("link-its-target-does-not-hold", "Workflow Validation"),
+])
+def test_the_frontends_validation_catches_a_broken_workflow(ui_page, kind, reported):
+    """The schema check above can fail: the frontend's validator reports a broken file (a schema error as
+    an alert, a link it must repair as a warning), and validation_problems() sees it."""
+    ui_page.load(_broken_structure(kind), "broken")
+    problems = ui_page.validation_problems()
+    assert any(reported in problem for problem in problems), (kind, ui_page.toasts())
