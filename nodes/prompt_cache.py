@@ -1,8 +1,15 @@
 """Turbo Text Encode: CLIPTextEncode with a memo of recent prompts.
 
-ComfyUI's executor keeps only the last output of each node, so a graph that switches between
-prompts (A, B, A, ...) re-runs the text encoders every time. This node remembers the last
-``CACHE_SIZE`` encodings, keyed by the text encoder's identity and state:
+A graph that switches between prompts (A, B, A, ...) re-runs core CLIP Text Encode each time it goes
+back: ComfyUI 0.3.75's classic cache keeps one output per node, and 0.33's default RAM-pressure cache,
+which can keep earlier outputs, by default releases every output the current prompt does not use after
+each node (its inactive headroom defaults to all of the machine's RAM). bench/prompt_memo.py measured
+it (bench/results/prompt-memo/): A/B/A/B with core CLIPTextEncode re-encoded 6 of 6 repeats on 0.3.75,
+on 0.33 by default and on 0.33 with --cache-classic, about 1.8 s each on the CPU; this node answered each
+repeat from its memo in 1-2 ms. Where the executor does reuse an output (an unchanged prompt, or
+``--cache-lru 50`` on 0.33, which reused 6 of 6) the node does not run at all, so the memo costs nothing.
+So the memo stays, on both. It remembers the last ``CACHE_SIZE`` encodings, keyed by the text encoder's
+identity and state:
 
 * the ``cond_stage_model`` object (held weakly, so a reloaded checkpoint never matches),
 * its patcher's ``patches_uuid``: ComfyUI gives a patcher a new uuid whenever patches (a LoRA)
