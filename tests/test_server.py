@@ -1,11 +1,14 @@
 """The pack installed in a real ComfyUI server, driven over HTTP and the websocket."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from workflow_utils import (SD15, SD_TURBO, SDXL_TURBO, TURBO_CHECKPOINTS, load_api, node_of, png_size, txt2img,
                             write_input_image)
 
+REPO = Path(__file__).resolve().parents[1]
 OUR_NODES = ["TurboCheckpointLoader", "TurboScheduler", "TurboEulerSampler", "TurboSampler",
              "TurboTextEncode", "TurboFastPath", "TurboVAEDecode", "TurboLiveInput", "TurboLiveOutput"]
 
@@ -29,6 +32,17 @@ def test_object_info_lists_node_with_documented_inputs(host, node_id):
     assert inputs, node_id
     for name, (_, options) in inputs.items():
         assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+@pytest.mark.parametrize("node_id", OUR_NODES)
+def test_node_help_page_is_served_where_the_frontend_asks(host, node_id):
+    """The frontend's NodeHelpService fetches /extensions/<pack>/docs/<node>.md for a node whose
+    python_module is custom_nodes.<pack> (after trying docs/<node>/<locale>.md); ours answers with the page."""
+    module = host.object_info(node_id)[node_id]["python_module"].split(".")
+    assert module[0] == "custom_nodes" and len(module) >= 2
+    page = host.request(f"/extensions/{module[1]}/docs/{node_id}.md").decode()
+    assert page.startswith("# ")
+    assert (REPO / "web" / "docs" / f"{node_id}.md").read_text() == page
 
 
 def test_our_ids_do_not_shadow_builtins(host):
