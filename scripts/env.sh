@@ -22,7 +22,6 @@ pytest==8.4.2
 pytest-timeout==2.4.0
 hypothesis==6.140.3
 websocket-client==1.8.0
-jsonschema==4.26.0
 diffusers==0.35.2
 playwright==1.55.0
 matplotlib==3.10.7"
