@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The live benchmark: Turbo Live against stock ComfyUI's best equivalent, through a real server, in one
 # run. Provisions the cached environment if needed; arguments go to bench/live_bench.py (--help).
-# Results land in bench/results/live/; then bash bench/live.sh --page docs/live.md writes them into the
-# Live page (re-rendering only, no new run).
+# Results land in bench/results/live/ and docs/live.md's figures are re-rendered from them (with --out
+# elsewhere, the page is left alone); bash bench/live.sh --page docs/live.md re-renders only, no new run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

@@ -548,6 +548,9 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(MD_HEADER + render(results) + "\n")
     print(render(results))
     print("wrote", out)
+    if args.out is None:                  # a committed results file: its page follows at once
+        update_page()
+        print("updated", PAGE)
     return 0
 
 

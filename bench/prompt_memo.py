@@ -7,15 +7,15 @@ records whether the executor reused its cached output (``execution_cached``), an
 node took: a memo hit takes no text-encoder pass, so it is far shorter than an encode.
 
 ComfyUI 0.3.75 keeps one output per node (classic caching), so going back to A re-encodes with the core
-node. ComfyUI 0.33 defaults to RAM-pressure caching, which keeps earlier outputs too; ``--cache-classic``
-there restores the old behaviour. Run it on each:
+node. ComfyUI 0.33 defaults to RAM-pressure caching, which can keep earlier outputs but by default
+releases the ones the current prompt does not use; ``--cache-classic`` and ``--cache-lru N`` are its
+other modes. Run it on each:
 
-    bash scripts/env.sh && python bench/prompt_memo.py                         # the vendored 0.3.75
-    COMFYUI_PATH=<0.33 checkout> bash scripts/env.sh                           # then, with that env's python:
-    python bench/prompt_memo.py --out bench/results/prompt-memo/0.33-default.json
-    python bench/prompt_memo.py --server-args=--cache-classic --out ...        # and "--cache-lru 50"
-
-    python bench/prompt_memo.py --render bench/results/prompt-memo               # the table, README.md there
+    source scripts/env.sh && "$COMFY_TURBO_PY" bench/prompt_memo.py --out bench/results/prompt-memo/0.3.75-default.json
+    export COMFYUI_PATH=<0.33 checkout> && source scripts/env.sh               # that checkout's environment
+    "$COMFY_TURBO_PY" bench/prompt_memo.py --out bench/results/prompt-memo/0.33-default.json
+    "$COMFY_TURBO_PY" bench/prompt_memo.py --server-args=--cache-classic --out ...  # and "--cache-lru 50"
+    "$COMFY_TURBO_PY" bench/prompt_memo.py --render bench/results/prompt-memo  # the table, README.md there
 
 The committed results are in bench/results/prompt-memo/.
 """

@@ -3,10 +3,10 @@
 A graph that switches between prompts (A, B, A, ...) re-runs core CLIP Text Encode each time it goes
 back: ComfyUI 0.3.75's classic cache keeps one output per node, and 0.33's default RAM-pressure cache,
 which can keep earlier outputs, by default releases every output the current prompt does not use after
-each node (its inactive headroom defaults to all of the machine's RAM). bench/prompt_memo.py measured
+each node (its inactive headroom defaults to all of the machine's RAM, capped at 128 GB). bench/prompt_memo.py measured
 it (bench/results/prompt-memo/): A/B/A/B with core CLIPTextEncode re-encoded 6 of 6 repeats on 0.3.75,
 on 0.33 by default and on 0.33 with --cache-classic, about 1.8 s each on the CPU; this node answered each
-repeat from its memo in 1-2 ms. Where the executor does reuse an output (an unchanged prompt, or
+repeat from its memo in under 2 ms. Where the executor does reuse an output (an unchanged prompt, or
 ``--cache-lru 50`` on 0.33, which reused 6 of 6) the node does not run at all, so the memo costs nothing.
 So the memo stays, on both. It remembers the last ``CACHE_SIZE`` encodings, keyed by the text encoder's
 identity and state:

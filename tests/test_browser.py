@@ -157,7 +157,7 @@ class UiPage:
             self.problems.append(text)
 
     def _console(self, message):
-        # Requests to outside hosts (the frontend asks api.comfy.org about node packs) fail on a closed
+        # Requests to outside hosts (the frontend asks the Comfy Registry about node packs) fail on a closed
         # network; local failures are caught from the responses instead.
         if message.type == "error" and not message.text.startswith("Failed to load resource"):
             self._problem(f"console error: {message.text}")
@@ -187,6 +187,7 @@ class UiPage:
 
     def open_template(self, name):
         """Templates dialog -> the pack's category -> the workflow's card, as a user picks it."""
+        self.evaluate("() => { window.__turboToasts = []; }")      # only what this load raises counts
         self.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
         dialog = self.page.locator("[role=dialog]").filter(has_text="Templates")
         dialog.get_by_text(PACK_DIR_NAME, exact=True).first.click()
@@ -196,6 +197,7 @@ class UiPage:
         self.page.wait_for_load_state("networkidle")    # the frontend's model checks have answered
 
     def load(self, workflow, name):
+        self.evaluate("() => { window.__turboToasts = []; }")
         self.evaluate("async ([wf, name]) => { await app.loadGraphData(wf, true, true, name); }", [workflow, name])
         self.page.wait_for_load_state("networkidle")
 
