@@ -71,7 +71,7 @@ def _timed_decode(data, declared, width, height):
 async def _receive(session_id: str, data, received_at: float, declared, width, height, frame_id,
                    client_id: str | None = None) -> dict:
     """Decode a frame off the event loop and keep it as the session's newest; the acknowledgement."""
-    frame_id = _optional_int(frame_id, "frame_id") or STORE.next_frame_id(session_id)
+    frame_id = _optional_int(frame_id, "frame_id") or STORE.reserve_frame_id(session_id)
     width, height = _optional_int(width, "width"), _optional_int(height, "height")
     pixels, decode_ms = await asyncio.get_running_loop().run_in_executor(
         None, _timed_decode, data, declared, width, height)
@@ -107,12 +107,12 @@ async def push_frame(request: web.Request) -> web.Response:
         client_id = query.get("client_id") or None
         STORE.check_client(session_id, client_id)
         declared = query.get("format") or frames.format_from_content_type(request.headers.get("Content-Type"))
-        STORE.begin_decode(session_id)
+        ticket = STORE.begin_decode(session_id)
         try:
             ack = await _receive(session_id, body, received_at, declared, query.get("width"), query.get("height"),
                                  query.get("frame_id"), client_id)
         finally:
-            STORE.end_decode(session_id)
+            STORE.end_decode(session_id, ticket)
         return web.json_response(ack)
     except FrameError as e:
         return _error_response(e)
@@ -151,9 +151,9 @@ async def end_session(request: web.Request) -> web.Response:
 
 class _NewestFrameReceiver:
     """Decodes one connection's frames one at a time; a frame that arrives meanwhile waits, replacing any
-    other waiting frame (which counts as dropped). From its arrival until it is kept or refused, a frame
-    holds its session's prompts back (``SessionStore.begin_decode``), so a prompt queued right after the
-    frame was sent reads it."""
+    other waiting frame (which counts as dropped and is answered ``accepted: false``, so every frame gets
+    an answer). From its arrival until it is kept or refused, a frame holds its session's prompts back
+    (``SessionStore.begin_decode``), so a prompt queued right after the frame was sent reads it."""
 
     def __init__(self, ws: web.WebSocketResponse, session_id: str, client_id: str):
         self.ws, self.session_id, self.client_id = ws, session_id, client_id
@@ -162,16 +162,37 @@ class _NewestFrameReceiver:
 
     def offer(self, message: bytes, received_at: float) -> None:
         if self.waiting is not None:
-            STORE.put_dropped(self.session_id)      # overtaken: its place in begin_decode passes on
+            STORE.put_dropped(self.session_id)
+            self._answer_overtaken(self.waiting[0])
+            ticket = self.waiting[2]                # overtaken: its decode ticket passes on to the newer frame
         else:
-            STORE.begin_decode(self.session_id)
-        self.waiting = (message, received_at)
+            ticket = STORE.begin_decode(self.session_id)
+        self.waiting = (message, received_at, ticket)
         if self.task is None or self.task.done():
             self.task = asyncio.ensure_future(self._run())
 
+    def _answer_overtaken(self, message: bytes) -> None:
+        """The reply to a frame that a newer one replaced before it was decoded."""
+        try:
+            frame_id = protocol.unpack_frame(message)[0].get("frame_id")
+        except protocol.ProtocolError as e:
+            reply = _error_body(FrameError(str(e)))
+        else:
+            session = STORE.get(self.session_id)
+            reply = {"type": "frame", "session": self.session_id, "frame_id": frame_id, "accepted": False,
+                     "overtaken": True, "frames": session.counters() if session else {}}
+        asyncio.ensure_future(self._send(reply))
+
+    async def _send(self, reply: dict) -> None:
+        if not self.ws.closed:
+            try:
+                await self.ws.send_json(reply)
+            except ConnectionError:
+                pass
+
     async def _run(self) -> None:
         while self.waiting is not None:
-            message, received_at = self.waiting
+            message, received_at, ticket = self.waiting
             self.waiting = None
             frame_id = None
             try:
@@ -184,18 +205,15 @@ class _NewestFrameReceiver:
             except FrameError as e:
                 reply = _error_body(e, frame_id=frame_id)
             finally:
-                STORE.end_decode(self.session_id)
+                STORE.end_decode(self.session_id, ticket)
             if self.ws.closed:
                 return
-            try:
-                await self.ws.send_json(reply)
-            except ConnectionError:
-                return
+            await self._send(reply)
 
     def cancel(self) -> None:
         if self.waiting is not None:
+            STORE.end_decode(self.session_id, self.waiting[2])
             self.waiting = None
-            STORE.end_decode(self.session_id)
         if self.task is not None:
             self.task.cancel()
 

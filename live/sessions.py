@@ -28,6 +28,7 @@ SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KEPT_PROMPTS = 8          # history entries a session keeps of its prompts (the rest are deleted)
 DECODE_WAIT = 1.0         # seconds a prompt waits for a frame of its session that is still decoding
 _runs = itertools.count(1)  # numbers each run of a session: frame ids restart at 1 with every run
+_decode_tickets = itertools.count(1)  # numbers each frame that starts decoding, in arrival order
 
 
 class SessionError(FrameError):
@@ -123,7 +124,8 @@ class SessionStore:
         self._clock = clock
         self._lock = threading.RLock()
         self._decoded = threading.Condition(self._lock)
-        self._decoding: dict[str, int] = {}   # session id -> frames that arrived and are not decoded yet
+        self._decoding: dict[str, set] = {}   # session id -> tickets of frames that arrived, not decoded yet
+        self._reserved: dict[str, int] = {}   # session id -> the last frame id handed out on arrival
         self._sessions: dict[str, Session] = {}
         self._other_prompts = PromptLog()      # live prompts of sessions that are not open
 
@@ -133,6 +135,9 @@ class SessionStore:
         for sid in [sid for sid, s in self._sessions.items()
                     if s.attached is None and now - s.last_seen > self.limits.idle_seconds]:
             del self._sessions[sid]
+        # Ids reserved for frames that were refused and opened no session: nothing is decoding any more.
+        for sid in [sid for sid in self._reserved if sid not in self._sessions and not self._decoding.get(sid)]:
+            del self._reserved[sid]
 
     def _open(self, session_id: str) -> Session:
         check_session_id(session_id)
@@ -160,6 +165,7 @@ class SessionStore:
 
     def close(self, session_id: str) -> bool:
         with self._lock:
+            self._reserved.pop(session_id, None)
             return self._sessions.pop(session_id, None) is not None
 
     # -- clients -----------------------------------------------------------------------------
@@ -174,6 +180,7 @@ class SessionStore:
             if session.attached is not token:     # a new run numbers its frames from 1
                 session.frame, session.frame_used, session.last_frame_id = None, False, 0
                 session.last_use, session.run = None, next(_runs)
+                self._reserved.pop(session_id, None)
             session.attached, session.client_id = token, client_id
             return session
 
@@ -184,6 +191,7 @@ class SessionStore:
             if session is None or session.attached is not token:
                 return False
             del self._sessions[session_id]
+            self._reserved.pop(session_id, None)
             return True
 
     def check_client(self, session_id: str, client_id: str | None) -> None:
@@ -196,10 +204,15 @@ class SessionStore:
                     "that client's client_id, or use another session name.", status=409)
 
     # -- frames ------------------------------------------------------------------------------
-    def next_frame_id(self, session_id: str) -> int:
+    def reserve_frame_id(self, session_id: str) -> int:
+        """The id of a frame that just arrived without one, handed out on arrival: one more than any frame
+        held or reserved. Of two frames decoding at once (two HTTP pushes), the later one is therefore the
+        newer, whichever finishes decoding first."""
         with self._lock:
             session = self._sessions.get(session_id)
-            return (session.last_frame_id if session else 0) + 1
+            frame_id = max(self._reserved.get(session_id, 0), session.last_frame_id if session else 0) + 1
+            self._reserved[session_id] = frame_id
+            return frame_id
 
     def put(self, session_id: str, frame: Frame, client_id: str | None = None) -> tuple[bool, Session]:
         """Keep ``frame`` as the session's newest, unless a newer one is held. Returns (accepted, session).
@@ -229,23 +242,29 @@ class SessionStore:
                 session.dropped += 1
 
     # A client may queue its prompt right after sending a frame, so that decoding overlaps ComfyUI's
-    # handling of the prompt; the prompt then waits here for that frame instead of missing it.
-    def begin_decode(self, session_id: str) -> None:
+    # handling of the prompt; the prompt then waits here for that frame instead of missing it. It waits
+    # only for frames that arrived before it asked, never for the ones that keep arriving after.
+    def begin_decode(self, session_id: str) -> int:
+        """Note a frame that arrived and is decoding; returns its ticket, for ``end_decode``."""
         with self._lock:
-            self._decoding[session_id] = self._decoding.get(session_id, 0) + 1
+            ticket = next(_decode_tickets)
+            self._decoding.setdefault(session_id, set()).add(ticket)
+            return ticket
 
-    def end_decode(self, session_id: str) -> None:
+    def end_decode(self, session_id: str, ticket: int) -> None:
         with self._lock:
-            left = self._decoding.get(session_id, 0) - 1
-            if left > 0:
-                self._decoding[session_id] = left
-            else:
+            tickets = self._decoding.get(session_id, set())
+            tickets.discard(ticket)
+            if not tickets:
                 self._decoding.pop(session_id, None)
             self._decoded.notify_all()
 
     def _wait_for_decodes(self, session_id: str, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the frames of the session that were decoding when this was called."""
         deadline = time.monotonic() + timeout
-        while self._decoding.get(session_id) and (left := deadline - time.monotonic()) > 0:
+        before = max(self._decoding.get(session_id, ()), default=0)
+        while any(t <= before for t in self._decoding.get(session_id, ())) and \
+                (left := deadline - time.monotonic()) > 0:
             self._decoded.wait(left)
 
     def newest_frame_key(self, session_id: str, wait: float = DECODE_WAIT) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -126,7 +127,60 @@ def test_the_newest_frame_wins_and_overtaken_frames_count_as_dropped():
     store.take("s", "prompt-b")                     # the same frame again is one use
     assert store.put("s", frame(4))[0]              # 3 was used: not dropped
     assert session.counters() == {"received": 4, "used": 1, "dropped": 2, "sent": 0}
-    assert store.next_frame_id("s") == 5
+    assert store.reserve_frame_id("s") == 5
+
+
+def test_frame_ids_are_handed_out_on_arrival_so_the_later_of_two_pushes_wins():
+    """Two frames without ids arrive (HTTP pushes) and decode at once; the later one finishes first. Its
+    id, reserved on arrival, is still the higher, so it wins and the earlier one is refused as older."""
+    store = SessionStore()
+    tickets = store.begin_decode("s"), store.begin_decode("s")
+    earlier, later = store.reserve_frame_id("s"), store.reserve_frame_id("s")
+    assert (earlier, later) == (1, 2)
+    assert store.put("s", frame(later))[0]
+    store.end_decode("s", tickets[1])
+    accepted, session = store.put("s", frame(earlier))
+    store.end_decode("s", tickets[0])
+    assert not accepted and session.frame.id == later
+    assert store.reserve_frame_id("s") == 3
+
+
+def test_a_prompt_waits_for_frames_that_arrived_before_it_not_for_later_ones():
+    """take() waits for a frame still decoding when it was called, and not for one that arrived after:
+    with frames arriving continuously it would otherwise wait its whole timeout every time."""
+    import threading
+    store = SessionStore()
+    store.put("s", frame(1))
+    decoding = store.begin_decode("s")                  # frame 2 arrived and decodes
+    result = {}
+
+    def prompt():
+        start = time.monotonic()
+        result["frame"] = store.take("s", "p", wait=10.0)[0].id
+        result["seconds"] = time.monotonic() - start
+
+    reader = threading.Thread(target=prompt)
+    reader.start()
+    time.sleep(0.2)
+    assert reader.is_alive()                             # it waits for frame 2
+    store.begin_decode("s")                              # frame 3 arrives after the prompt asked, and never ends
+    store.put("s", frame(2))
+    store.end_decode("s", decoding)
+    reader.join(5.0)
+    assert not reader.is_alive() and result["frame"] == 2
+    assert result["seconds"] < 5.0                       # not the 10 s timeout: frame 3 was not waited for
+
+
+def test_reserved_ids_of_refused_frames_are_forgotten():
+    store = SessionStore()
+    for i in range(100):                            # frames that failed to decode: no session, no reservation
+        ticket = store.begin_decode(f"s{i}")
+        store.reserve_frame_id(f"s{i}")
+        store.end_decode(f"s{i}", ticket)
+    assert len(store) == 0 and not store._reserved
+    store.attach("s1", "tab", token := object())
+    store.reserve_frame_id("s1")
+    assert store.detach("s1", token) and not store._reserved
 
 
 def test_no_frame_yet_names_the_session():
@@ -156,7 +210,7 @@ def test_one_client_attaches_at_a_time_and_a_new_run_starts_fresh():
     assert store.get("s").attached is first
     assert store.detach("s", first) and store.get("s") is None      # the session ends with its connection
     session = store.attach("s", "tab-2", second)
-    assert session.client_id == "tab-2" and session.frame is None and store.next_frame_id("s") == 1
+    assert session.client_id == "tab-2" and session.frame is None and store.reserve_frame_id("s") == 1
     store.put("s", frame(1), "tab-2")
     assert store.newest_frame_key("s")[1] == 1
     assert store.newest_frame_key("s") != (first_run, 1)       # frame 1 of this run is not frame 1 of the last
@@ -169,7 +223,7 @@ def test_a_refused_frame_opens_no_session():
         store.put("s", frame(1), "tab-2")
     with pytest.raises(SessionError):
         store.put("bad name", frame(1))
-    assert len(store) == 1 and store.next_frame_id("other") == 1 and store.get("other") is None
+    assert len(store) == 1 and store.get("other") is None
 
 
 def test_sessions_are_bounded_and_idle_ones_expire():

@@ -470,6 +470,53 @@ def test_bad_messages_on_the_live_websocket_get_errors_and_the_connection_stays(
         ws.close()
 
 
+def test_of_two_concurrent_http_pushes_the_later_one_wins(host):
+    """Frames pushed over HTTP without ids, two at a time: their ids are handed out on arrival, so the two
+    never share one, and the one that arrived later (the higher id) is kept, whichever decoded first."""
+    from concurrent.futures import ThreadPoolExecutor
+    session = new_session()
+    slow = encode(np.full((2048, 2048, 3), 90, dtype=np.uint8), "PNG", compress_level=9)   # tens of ms to decode
+    fast = encode(webcam_like(1, 64))
+    with ThreadPoolExecutor(2) as pool:
+        for pair in range(6):
+            bodies = (slow, fast) if pair % 2 == 0 else (fast, slow)
+            acks = [f.result().json() for f in [pool.submit(_post_frame, host, session, body) for body in bodies]]
+            ids = sorted(ack["frame_id"] for ack in acks)
+            assert ids[0] != ids[1], acks
+            newer = next(ack for ack in acks if ack["frame_id"] == ids[1])
+            assert newer["accepted"], acks
+            assert host.get_json(f"/comfy-turbo/live/{session}")["frame"]["frame_id"] == ids[1]
+    assert requests.delete(f"{host.url}/comfy-turbo/live/{session}", timeout=10).json()["ended"]
+
+
+def test_every_frame_gets_an_answer_even_when_overtaken(host):
+    """Frames sent back to back, faster than they decode: each is answered once, the ones a newer frame
+    replaced before their decode with accepted: false (overtaken), and the newest is kept."""
+    frames = 12
+    # A flat 2048x2048 PNG: a few kB to send, tens of ms to decode, so the frames behind it pile up.
+    big = encode(np.full((2048, 2048, 3), 90, dtype=np.uint8), "PNG", compress_level=9)
+    with LiveClient(host.url, new_session()) as client:
+        for frame_id in range(1, frames + 1):
+            client.send_frame(big, frame_id, "png")
+        answers, deadline = {}, time.monotonic() + 60
+        while len(answers) < frames and time.monotonic() < deadline:
+            for source, message, _ in client.receive(1.0):
+                if source == "live":
+                    reply = json.loads(message)
+                    assert reply["type"] == "frame", reply
+                    assert reply["frame_id"] not in answers, f"frame {reply['frame_id']} answered twice"
+                    answers[reply["frame_id"]] = reply
+        client.live_ws.send(json.dumps({"type": "status"}))
+        status = next(json.loads(m) for s, m, _ in client.receive(10.0) if s == "live")
+    assert sorted(answers) == list(range(1, frames + 1))
+    overtaken = [i for i, reply in answers.items() if reply.get("overtaken")]
+    assert overtaken, "no frame was overtaken: send them faster, or bigger"
+    assert all(not answers[i]["accepted"] for i in overtaken)
+    assert answers[frames]["accepted"] and status["frame"]["frame_id"] == frames
+    assert status["frames"]["received"] == frames
+    assert status["frames"]["dropped"] == frames - 1            # nothing used them: every older one dropped
+
+
 @pytest.mark.parametrize("session", ["a b", "-live", "x" * 65, "caf\u00e9"])
 def test_malformed_session_ids_are_refused_everywhere(host, session):
     quoted = requests.utils.quote(session, safe="")
