@@ -64,10 +64,11 @@ def run_sequence(host: ComfyHost, encoder: str, rounds: int) -> list[dict]:
             raise RuntimeError(f"{encoder} prompt {i} failed: {result.error}")
         cached = {node for event in result.events if event["type"] == "execution_cached"
                   for node in event["data"].get("nodes", [])}
-        seconds = result.node_seconds().get(ENCODE_NODE)
+        node_seconds = result.node_seconds()
+        seconds = node_seconds.get(ENCODE_NODE)
         rows.append({"prompt": "AB"[i % 2], "cached_by_executor": ENCODE_NODE in cached,
                      "node_ms": None if seconds is None else round(seconds * 1000, 2),
-                     "other_nodes_ms": {node: round(s * 1000, 1) for node, s in result.node_seconds().items()
+                     "other_nodes_ms": {node: round(s * 1000, 1) for node, s in node_seconds.items()
                                         if node != ENCODE_NODE}})
     return rows
 

@@ -68,10 +68,11 @@ def _timed_decode(data, declared, width, height):
     return pixels, (time.perf_counter() - start) * 1000.0
 
 
-async def _receive(session_id: str, data, received_at: float, declared, width, height, frame_id,
+async def _receive(session_id: str, ticket: int, data, received_at: float, declared, width, height, frame_id,
                    client_id: str | None = None) -> dict:
-    """Decode a frame off the event loop and keep it as the session's newest; the acknowledgement."""
-    frame_id = _optional_int(frame_id, "frame_id") or STORE.reserve_frame_id(session_id)
+    """Decode a frame (its ``SessionStore.begin_decode`` ticket given) off the event loop and keep it as the
+    session's newest; the acknowledgement."""
+    frame_id = _optional_int(frame_id, "frame_id") or STORE.reserve_frame_id(session_id, ticket)
     width, height = _optional_int(width, "width"), _optional_int(height, "height")
     pixels, decode_ms = await asyncio.get_running_loop().run_in_executor(
         None, _timed_decode, data, declared, width, height)
@@ -109,8 +110,8 @@ async def push_frame(request: web.Request) -> web.Response:
         declared = query.get("format") or frames.format_from_content_type(request.headers.get("Content-Type"))
         ticket = STORE.begin_decode(session_id)
         try:
-            ack = await _receive(session_id, body, received_at, declared, query.get("width"), query.get("height"),
-                                 query.get("frame_id"), client_id)
+            ack = await _receive(session_id, ticket, body, received_at, declared, query.get("width"),
+                                 query.get("height"), query.get("frame_id"), client_id)
         finally:
             STORE.end_decode(session_id, ticket)
         return web.json_response(ack)
@@ -198,7 +199,7 @@ class _NewestFrameReceiver:
             try:
                 header, payload = protocol.unpack_frame(message)
                 frame_id = header.get("frame_id")
-                reply = await _receive(self.session_id, payload, received_at, header.get("format"),
+                reply = await _receive(self.session_id, ticket, payload, received_at, header.get("format"),
                                        header.get("width"), header.get("height"), frame_id, self.client_id)
             except protocol.ProtocolError as e:
                 reply = _error_body(FrameError(str(e)), frame_id=frame_id)

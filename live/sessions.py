@@ -124,8 +124,8 @@ class SessionStore:
         self._clock = clock
         self._lock = threading.RLock()
         self._decoded = threading.Condition(self._lock)
-        self._decoding: dict[str, set] = {}   # session id -> tickets of frames that arrived, not decoded yet
-        self._reserved: dict[str, int] = {}   # session id -> the last frame id handed out on arrival
+        # session id -> {ticket: frame id reserved on arrival, or 0} of the frames that arrived, not decoded yet
+        self._decoding: dict[str, dict[int, int]] = {}
         self._sessions: dict[str, Session] = {}
         self._other_prompts = PromptLog()      # live prompts of sessions that are not open
 
@@ -135,9 +135,6 @@ class SessionStore:
         for sid in [sid for sid, s in self._sessions.items()
                     if s.attached is None and now - s.last_seen > self.limits.idle_seconds]:
             del self._sessions[sid]
-        # Ids reserved for frames that were refused and opened no session: nothing is decoding any more.
-        for sid in [sid for sid in self._reserved if sid not in self._sessions and not self._decoding.get(sid)]:
-            del self._reserved[sid]
 
     def _open(self, session_id: str) -> Session:
         check_session_id(session_id)
@@ -165,7 +162,7 @@ class SessionStore:
 
     def close(self, session_id: str) -> bool:
         with self._lock:
-            self._reserved.pop(session_id, None)
+            self._forget_reserved_ids(session_id)
             return self._sessions.pop(session_id, None) is not None
 
     # -- clients -----------------------------------------------------------------------------
@@ -180,7 +177,7 @@ class SessionStore:
             if session.attached is not token:     # a new run numbers its frames from 1
                 session.frame, session.frame_used, session.last_frame_id = None, False, 0
                 session.last_use, session.run = None, next(_runs)
-                self._reserved.pop(session_id, None)
+                self._forget_reserved_ids(session_id)
             session.attached, session.client_id = token, client_id
             return session
 
@@ -191,7 +188,7 @@ class SessionStore:
             if session is None or session.attached is not token:
                 return False
             del self._sessions[session_id]
-            self._reserved.pop(session_id, None)
+            self._forget_reserved_ids(session_id)
             return True
 
     def check_client(self, session_id: str, client_id: str | None) -> None:
@@ -204,15 +201,23 @@ class SessionStore:
                     "that client's client_id, or use another session name.", status=409)
 
     # -- frames ------------------------------------------------------------------------------
-    def reserve_frame_id(self, session_id: str) -> int:
+    def reserve_frame_id(self, session_id: str, ticket: int | None = None) -> int:
         """The id of a frame that just arrived without one, handed out on arrival: one more than any frame
-        held or reserved. Of two frames decoding at once (two HTTP pushes), the later one is therefore the
-        newer, whichever finishes decoding first."""
+        held or reserved by a frame still decoding. The id stays reserved with the frame's decode ``ticket``
+        until ``end_decode``, so of two frames decoding at once (two HTTP pushes) the later one is the
+        newer, whichever finishes decoding first; a refused frame leaves nothing behind."""
         with self._lock:
             session = self._sessions.get(session_id)
-            frame_id = max(self._reserved.get(session_id, 0), session.last_frame_id if session else 0) + 1
-            self._reserved[session_id] = frame_id
+            decoding = self._decoding.get(session_id, {})
+            frame_id = max(max(decoding.values(), default=0), session.last_frame_id if session else 0) + 1
+            if ticket in decoding:
+                decoding[ticket] = frame_id
             return frame_id
+
+    def _forget_reserved_ids(self, session_id: str) -> None:
+        """A session ended or began a new run: the ids its decoding frames reserved no longer count."""
+        for ticket in self._decoding.get(session_id, {}):
+            self._decoding[session_id][ticket] = 0
 
     def put(self, session_id: str, frame: Frame, client_id: str | None = None) -> tuple[bool, Session]:
         """Keep ``frame`` as the session's newest, unless a newer one is held. Returns (accepted, session).
@@ -248,13 +253,13 @@ class SessionStore:
         """Note a frame that arrived and is decoding; returns its ticket, for ``end_decode``."""
         with self._lock:
             ticket = next(_decode_tickets)
-            self._decoding.setdefault(session_id, set()).add(ticket)
+            self._decoding.setdefault(session_id, {})[ticket] = 0
             return ticket
 
     def end_decode(self, session_id: str, ticket: int) -> None:
         with self._lock:
-            tickets = self._decoding.get(session_id, set())
-            tickets.discard(ticket)
+            tickets = self._decoding.get(session_id, {})
+            tickets.pop(ticket, None)
             if not tickets:
                 self._decoding.pop(session_id, None)
             self._decoded.notify_all()

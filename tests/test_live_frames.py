@@ -135,7 +135,7 @@ def test_frame_ids_are_handed_out_on_arrival_so_the_later_of_two_pushes_wins():
     id, reserved on arrival, is still the higher, so it wins and the earlier one is refused as older."""
     store = SessionStore()
     tickets = store.begin_decode("s"), store.begin_decode("s")
-    earlier, later = store.reserve_frame_id("s"), store.reserve_frame_id("s")
+    earlier, later = store.reserve_frame_id("s", tickets[0]), store.reserve_frame_id("s", tickets[1])
     assert (earlier, later) == (1, 2)
     assert store.put("s", frame(later))[0]
     store.end_decode("s", tickets[1])
@@ -175,12 +175,13 @@ def test_reserved_ids_of_refused_frames_are_forgotten():
     store = SessionStore()
     for i in range(100):                            # frames that failed to decode: no session, no reservation
         ticket = store.begin_decode(f"s{i}")
-        store.reserve_frame_id(f"s{i}")
+        store.reserve_frame_id(f"s{i}", ticket)
         store.end_decode(f"s{i}", ticket)
-    assert len(store) == 0 and not store._reserved
+    assert len(store) == 0 and not store._decoding and store.reserve_frame_id("s7") == 1
     store.attach("s1", "tab", token := object())
-    store.reserve_frame_id("s1")
-    assert store.detach("s1", token) and not store._reserved
+    ticket = store.begin_decode("s1")
+    assert store.reserve_frame_id("s1", ticket) == 1 and store.reserve_frame_id("s1") == 2
+    assert store.detach("s1", token) and store.reserve_frame_id("s1") == 1
 
 
 def test_no_frame_yet_names_the_session():
