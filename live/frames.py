@@ -28,6 +28,7 @@ class Limits:
     max_side: int = 8192
     max_sessions: int = 8
     idle_seconds: float = 120.0
+    heartbeat_seconds: float = 10.0            # a live websocket silent this long is pinged; no pong: it closes
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "Limits":

@@ -7,8 +7,12 @@ Frames in (client -> server), on the pack's websocket ``/comfy-turbo/live/ws``::
     header: {"frame_id": int (optional), "format": "jpeg" | "png" | "webp" | "rgba",
              "width": int, "height": int (both only for "rgba")}
 
+Commands (client -> server) and the loop's events (server -> client) are JSON text messages on the
+same websocket (docs/live.md lists them: graph, set, status; attached, frame, graph, set, run, taken, error).
+
 Frames out (server -> client), on ComfyUI's own websocket ``/ws`` as its binary message type 4,
-``PREVIEW_IMAGE_WITH_METADATA`` (ComfyUI 0.3.75 and 0.33 alike)::
+``PREVIEW_IMAGE_WITH_METADATA`` (ComfyUI 0.3.75 and 0.33 alike), or type 1 (``PREVIEW_IMAGE``, JPEG,
+no metadata) to a client that did not announce ``supports_preview_metadata``::
 
     >I 4 | >I metadata_length | metadata (UTF-8 JSON) | image bytes
 
@@ -20,7 +24,9 @@ from __future__ import annotations
 import json
 import struct
 
-PREVIEW_IMAGE_WITH_METADATA = 4     # ComfyUI's protocol.BinaryEventTypes
+PREVIEW_IMAGE = 1                   # ComfyUI's protocol.BinaryEventTypes
+PREVIEW_IMAGE_WITH_METADATA = 4
+PREVIEW_FORMAT_JPEG = 1             # PREVIEW_IMAGE's format field (2 is PNG)
 _U32 = struct.Struct(">I")
 MAX_HEADER_BYTES = 4096
 
@@ -57,6 +63,12 @@ def pack_image_with_metadata(metadata: dict, image: bytes) -> bytes:
     """The body of ComfyUI's message type 4 (PromptServer.send_bytes adds the >I type in front)."""
     meta = json.dumps(metadata, separators=(",", ":")).encode()
     return _U32.pack(len(meta)) + meta + image
+
+
+def pack_preview_image(jpeg: bytes) -> bytes:
+    """The body of ComfyUI's message type 1, for a client without ``supports_preview_metadata``:
+    ``>I format (1: JPEG)`` then the image (PromptServer.send_bytes adds the >I type in front)."""
+    return _U32.pack(PREVIEW_FORMAT_JPEG) + jpeg
 
 
 def unpack_image_with_metadata(message: bytes) -> tuple[dict, bytes]:

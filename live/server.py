@@ -1,38 +1,51 @@
-"""Turbo Live on ComfyUI's server: the frame routes, and sending output frames to one client.
+"""Turbo Live on ComfyUI's server: the routes, the live websocket, and sending output frames to one client.
 
-Routes (each also under ComfyUI's ``/api`` prefix):
+Routes (each also under ComfyUI's ``/api`` prefix; docs/live.md has the protocol):
 
 * ``GET  /comfy-turbo/live``                   protocol version, limits, number of sessions
-* ``GET  /comfy-turbo/live/{session}``         one session: its client, newest frame, counters
-* ``DELETE /comfy-turbo/live/{session}``       end a session that no client is attached to
-* ``POST /comfy-turbo/live/{session}/frame``   one frame as the body (JPEG / PNG / WebP bytes, or raw
-  RGBA with ``?format=rgba&width=W&height=H``); optional ``frame_id`` and ``client_id`` query values
-* ``GET  /comfy-turbo/live/{session}/ws?clientId=C``   a websocket for frames (``protocol.pack_frame``);
-  the connection owns the session while it is open, and ``C`` (the client's ComfyUI websocket id)
-  receives the session's output frames
+* ``GET  /comfy-turbo/live/{session}``         one session's counters (no client id, no token)
+* ``DELETE /comfy-turbo/live/{session}``       end a session fed over HTTP (token)
+* ``POST /comfy-turbo/live/{session}/frame``   one frame as the body; a new session's answer carries its token
+* ``POST /comfy-turbo/live/{session}/graph``   hand the session its graph (token): the server runs the loop
+* ``POST /comfy-turbo/live/{session}/values``  change values of that graph (token)
+* ``GET  /comfy-turbo/live/{session}/ws?clientId=C``   the live websocket: frames, the graph, values,
+  and the loop's events; the connection owns the session while it is open, and ``C`` (the client's
+  ComfyUI websocket id) receives the session's output frames
+
+The token goes in the ``X-Turbo-Live-Token`` header (or a ``token`` query value). A prompt queued by
+hand with ``extra_data.turbo_live_token`` becomes one of the session's runs (the token is removed from
+it before ComfyUI stores it). A request from another origin is refused, as ComfyUI refuses it.
 
 Frames are decoded in the server's thread pool, never on its event loop; a frame that arrives while
 the previous one of the same connection still decodes replaces it (newest wins). Output frames are
-encoded by the caller (the prompt worker thread) and only handed to the event loop to send.
+encoded and sent by ``live.sender``, off the prompt worker thread.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
+import urllib.parse
+import uuid
 
 from aiohttp import WSMsgType, web
 
-from . import frames, protocol
+from . import frames, protocol, runs
 from .frames import FrameError
+from .gc_clock import GC_CLOCK
+from .graphs import LIVE_NODE_TYPES, GraphError
 from .sessions import Frame, SessionError, SessionStore, check_session_id
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 ROUTE = "/comfy-turbo/live"
-LIVE_NODE_TYPES = ("TurboLiveInput", "TurboLiveOutput")
+TOKEN_HEADER = "X-Turbo-Live-Token"
+TOKEN_EXTRA_DATA = "turbo_live_token"
+MAX_COMMAND_BYTES = 8 * 1024 * 1024         # a text message (a graph) on the live websocket
 STORE = SessionStore(frames.Limits.from_env())
 _registered: list = []
+_recovery: list = []
 
 
 def _prompt_server():
@@ -69,18 +82,26 @@ def _timed_decode(data, declared, width, height):
 
 
 async def _receive(session_id: str, ticket: int, data, received_at: float, declared, width, height, frame_id,
-                   client_id: str | None = None) -> dict:
-    """Decode a frame (its ``SessionStore.begin_decode`` ticket given) off the event loop and keep it as the
-    session's newest; the acknowledgement."""
+                   token: str | None, client_id: str | None = None) -> dict:
+    """Decode a frame (its ``SessionStore.begin_decode`` ticket given) off the event loop, keep it as the
+    session's newest and let the session's loop run it; the acknowledgement."""
     frame_id = _optional_int(frame_id, "frame_id") or STORE.reserve_frame_id(session_id, ticket)
     width, height = _optional_int(width, "width"), _optional_int(height, "height")
     pixels, decode_ms = await asyncio.get_running_loop().run_in_executor(
         None, _timed_decode, data, declared, width, height)
     frame = Frame(frame_id, pixels, received_at, decode_ms, declared or frames.sniff(data))
-    accepted, session = STORE.put(session_id, frame, client_id)
-    return {"type": "frame", "session": session_id, "frame_id": frame_id, "accepted": accepted,
-            "width": frame.width, "height": frame.height, "decode_ms": round(decode_ms, 3),
-            "frames": session.counters()}
+    opened = STORE.get(session_id) is None
+    accepted, session = STORE.put(session_id, frame, token, client_id)
+    ack = {"type": "frame", "session": session_id, "frame_id": frame_id, "accepted": accepted,
+           "width": frame.width, "height": frame.height, "decode_ms": round(decode_ms, 3),
+           "frames": session.counters()}
+    if opened:
+        ack["token"] = session.token          # the first push opened the session: its secret, once
+    if accepted:
+        prompt_id = runs.input_changed(STORE, session_id, "frame")
+        if prompt_id is not None:
+            ack["prompt_id"] = prompt_id
+    return ack
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -99,24 +120,125 @@ async def _read_body(request: web.Request) -> bytes:
     return bytes(body)
 
 
+def _token(request: web.Request) -> str | None:
+    return request.headers.get(TOKEN_HEADER) or request.query.get("token") or None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_origin(request: web.Request) -> None:
+    """Refuse a request from another origin, with ComfyUI's own rule (its origin-only middleware, which
+    guards a server on a loopback address unless it was started with --enable-cors-header)."""
+    origin, host = request.headers.get("Origin"), request.headers.get("Host")
+    if not origin or not host:
+        return
+    try:
+        from comfy.cli_args import args
+        allowed = args.enable_cors_header
+    except Exception:
+        allowed = None
+    if allowed in ("*", origin):
+        return
+    parsed, hosted = urllib.parse.urlparse(origin), urllib.parse.urlsplit("//" + host)
+    origin_netloc, host_netloc = parsed.netloc.lower(), host.lower()
+    if parsed.port is None:           # as ComfyUI: compare host names when the origin gives no port
+        origin_netloc, host_netloc = parsed.hostname or "", hosted.hostname or ""
+    if _is_loopback(hosted.hostname) and origin_netloc and host_netloc and origin_netloc != host_netloc:
+        raise SessionError(f"a request from another origin ({origin[:80]}) is refused, as ComfyUI refuses it; "
+                           "open the web UI from this server's own address.", status=403)
+
+
 async def push_frame(request: web.Request) -> web.Response:
     try:
+        check_origin(request)
         session_id = check_session_id(request.match_info["session"])
         query = request.query
+        token = _token(request)
+        STORE.check_push(session_id, token)
         body = await _read_body(request)
         received_at = time.perf_counter()
         client_id = query.get("client_id") or None
-        STORE.check_client(session_id, client_id)
         declared = query.get("format") or frames.format_from_content_type(request.headers.get("Content-Type"))
         ticket = STORE.begin_decode(session_id)
         try:
             ack = await _receive(session_id, ticket, body, received_at, declared, query.get("width"),
-                                 query.get("height"), query.get("frame_id"), client_id)
+                                 query.get("height"), query.get("frame_id"), token, client_id)
         finally:
             STORE.end_decode(session_id, ticket)
+        _start_recovery()
         return web.json_response(ack)
     except FrameError as e:
         return _error_response(e)
+
+
+def _graph_error_body(error: GraphError, request: str) -> dict:
+    body = {"type": "error", "status": 400, "request": request, "message": f"comfy-turbo live: {error}"}
+    if isinstance(error, runs.GraphRefused):
+        body.update(error=error.error, node_errors=error.node_errors)
+    return body
+
+
+async def _command(session_id: str, command: dict) -> dict:
+    """A graph hand-over, a change of values, or a status request (the live websocket's text messages and
+    the HTTP routes alike); the answer."""
+    kind = command.get("type")
+    try:
+        if kind == "graph":
+            extra = command.get("extra_data") if isinstance(command.get("extra_data"), dict) else None
+            prompt_id = await runs.hand_over(STORE, session_id, command.get("prompt"), extra)
+            return {"type": "graph", "accepted": True, "prompt_id": prompt_id}
+        if kind == "set":
+            prompt_id = await runs.set_values(STORE, session_id, command.get("values"))
+            return {"type": "set", "accepted": True, "prompt_id": prompt_id}
+    except GraphError as e:
+        return _graph_error_body(e, kind)
+    if kind == "status":
+        session = STORE.get(session_id)
+        return {"type": "status", **(session.status() if session else {"session": session_id})}
+    return _error_body(FrameError('text messages are commands: {"type": "graph", "prompt": ...}, {"type": "set", '
+                                  '"values": ...} or {"type": "status"}; frames are binary messages (see docs/live.md, '
+                                  'the protocol).'), request=str(kind)[:40] if kind else None)
+
+
+async def _read_json(request: web.Request) -> dict:
+    if request.content_length is not None and request.content_length > MAX_COMMAND_BYTES:
+        raise FrameError(f"the body is {request.content_length} bytes; the limit is {MAX_COMMAND_BYTES}.", status=413)
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        raise FrameError("the body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise FrameError("the body must be a JSON object.")
+    return body
+
+
+def _http_command(kind: str):
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            check_origin(request)
+            session_id = check_session_id(request.match_info["session"])
+            session = STORE.check_token(session_id, _token(request))
+            body = await _read_json(request)
+            if kind == "graph" and session.attached is None and isinstance(body.get("client_id"), str):
+                session.client_id = body["client_id"]
+            if kind == "graph" and session.client_id is None:
+                raise FrameError("hand over the graph with \"client_id\": the ComfyUI client id (of your /ws "
+                                 "connection) that receives the session's pictures.")
+        except FrameError as e:
+            return _error_response(e)
+        answer = await _command(session_id, {**body, "type": kind})
+        _start_recovery()
+        return web.json_response(answer, status=answer.get("status", 200) if answer["type"] == "error" else 200)
+    return handle
 
 
 async def live_status(request: web.Request) -> web.Response:
@@ -126,6 +248,7 @@ async def live_status(request: web.Request) -> web.Response:
 
 async def session_status(request: web.Request) -> web.Response:
     try:
+        check_origin(request)
         session_id = check_session_id(request.match_info["session"])
     except FrameError as e:
         return _error_response(e)
@@ -138,14 +261,16 @@ async def session_status(request: web.Request) -> web.Response:
 
 async def end_session(request: web.Request) -> web.Response:
     try:
+        check_origin(request)
         session_id = check_session_id(request.match_info["session"])
         session = STORE.get(session_id)
-        if session is not None and session.attached is not None:
-            raise SessionError(f"session '{session_id}' has a client attached; it ends when that client stops Live "
-                               "(closes its websocket).", status=409)
+        run_ids = list(session.runs) if session is not None else []
+        ended = STORE.close(session_id, _token(request))
     except FrameError as e:
         return _error_response(e)
-    return web.json_response({"session": session_id, "ended": STORE.close(session_id)})
+    if ended:
+        stop_runs(run_ids)
+    return web.json_response({"session": session_id, "ended": ended})
 
 
 # --- websocket --------------------------------------------------------------------------------
@@ -156,8 +281,8 @@ class _NewestFrameReceiver:
     an answer). From its arrival until it is kept or refused, a frame holds its session's prompts back
     (``SessionStore.begin_decode``), so a prompt queued right after the frame was sent reads it."""
 
-    def __init__(self, ws: web.WebSocketResponse, session_id: str, client_id: str):
-        self.ws, self.session_id, self.client_id = ws, session_id, client_id
+    def __init__(self, ws: web.WebSocketResponse, session_id: str, client_id: str, token: str):
+        self.ws, self.session_id, self.client_id, self.token = ws, session_id, client_id, token
         self.waiting: tuple | None = None
         self.task: asyncio.Task | None = None
 
@@ -200,7 +325,7 @@ class _NewestFrameReceiver:
                 header, payload = protocol.unpack_frame(message)
                 frame_id = header.get("frame_id")
                 reply = await _receive(self.session_id, ticket, payload, received_at, header.get("format"),
-                                       header.get("width"), header.get("height"), frame_id, self.client_id)
+                                       header.get("width"), header.get("height"), frame_id, self.token)
             except protocol.ProtocolError as e:
                 reply = _error_body(FrameError(str(e)), frame_id=frame_id)
             except FrameError as e:
@@ -219,26 +344,55 @@ class _NewestFrameReceiver:
             self.task.cancel()
 
 
+def _notifier(ws: web.WebSocketResponse, loop: asyncio.AbstractEventLoop):
+    """A function that sends a JSON message on ``ws`` from any thread, in the order it is called."""
+    async def send(message: dict) -> None:
+        if not ws.closed:
+            try:
+                await ws.send_json(message)
+            except ConnectionError:
+                pass
+
+    def notify(message: dict) -> None:
+        try:
+            in_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            loop.create_task(send(message))
+        else:
+            loop.call_soon_threadsafe(lambda: loop.create_task(send(message)))
+    return notify
+
+
 async def live_socket(request: web.Request) -> web.StreamResponse:
     limits = STORE.limits
-    ws = web.WebSocketResponse(max_msg_size=2 * limits.max_frame_bytes + protocol.MAX_HEADER_BYTES + 4)
+    try:
+        check_origin(request)
+    except FrameError as e:
+        return _error_response(e)
+    # The heartbeat pings a silent client; one that does not answer is gone, and its session with it.
+    ws = web.WebSocketResponse(max_msg_size=2 * limits.max_frame_bytes + protocol.MAX_HEADER_BYTES + 4,
+                               heartbeat=limits.heartbeat_seconds)
     await ws.prepare(request)
-    token = object()
+    connection = object()
     client_id = request.query.get("clientId", "")
     try:
         session_id = check_session_id(request.match_info["session"])
         if not client_id:
             raise SessionError("connect with ?clientId=<the client id of your ComfyUI /ws connection>, which "
                                "receives this session's output frames.")
-        STORE.attach(session_id, client_id, token)
+        session = STORE.attach(session_id, client_id, connection, _notifier(ws, asyncio.get_running_loop()),
+                               _token(request))
     except FrameError as e:
         await ws.send_json(_error_body(e))
         await ws.close(code=4000 + e.status, message=str(e)[:120].encode())
         return ws
-    receiver = _NewestFrameReceiver(ws, session_id, client_id)
+    _start_recovery()
+    receiver = _NewestFrameReceiver(ws, session_id, client_id, session.token)
     try:
         await ws.send_json({"type": "attached", "session": session_id, "client_id": client_id,
-                            "protocol": PROTOCOL_VERSION, "limits": limits.as_dict()})
+                            "token": session.token, "protocol": PROTOCOL_VERSION, "limits": limits.as_dict()})
         async for message in ws:
             if message.type == WSMsgType.BINARY:
                 size = len(message.data)
@@ -249,66 +403,91 @@ async def live_socket(request: web.Request) -> web.StreamResponse:
                     continue
                 receiver.offer(message.data, time.perf_counter())
             elif message.type == WSMsgType.TEXT:
-                await ws.send_json(_status_or_error(session_id, message.data))
+                await ws.send_json(await _text_command(session_id, message.data))
             elif message.type == WSMsgType.ERROR:
                 logging.info("comfy-turbo live: session %s connection closed with %s", session_id, ws.exception())
                 break
     finally:
         receiver.cancel()
-        # The session ends with its connection, and so does its work: the queued prompts are removed and
-        # a running one is interrupted (before the frame goes, so that it never fails for want of it).
-        cancelled = cancel_queued_prompts(client_id, session_id)
-        interrupted = interrupt_running_prompt(client_id, session_id)
-        STORE.detach(session_id, token)
-        if cancelled or interrupted:
-            logging.info("comfy-turbo live: session %s closed; removed %d queued prompt(s)%s", session_id,
-                         cancelled, ", interrupted the running one" if interrupted else "")
+        # The session ends with its connection, and so does its work: its queued runs are removed and a
+        # running one is interrupted; one being picked up stops as interrupted when it starts (RunEnded).
+        run_ids = list(session.runs)
+        if STORE.detach(session_id, connection):
+            removed, interrupted = stop_runs(run_ids)
+            if removed or interrupted:
+                logging.info("comfy-turbo live: session %s closed; removed %d queued run(s)%s", session_id,
+                             removed, ", interrupted the running one" if interrupted else "")
     return ws
 
 
-def _status_or_error(session_id: str, text: str) -> dict:
+async def _text_command(session_id: str, text: str) -> dict:
+    if len(text) > MAX_COMMAND_BYTES:
+        return _error_body(FrameError(f"a text message is at most {MAX_COMMAND_BYTES} bytes; got {len(text)}.",
+                                      status=413), request=None)
     try:
         command = json.loads(text)
     except ValueError:
         command = None
-    if isinstance(command, dict) and command.get("type") == "status":
-        session = STORE.get(session_id)
-        return {"type": "status", **(session.status() if session else {"session": session_id})}
-    return _error_body(FrameError('text messages are commands: {"type": "status"}; frames are binary messages '
-                                  "(see docs/live.md, the protocol)."))
+    if not isinstance(command, dict):
+        command = {}
+    return await _command(session_id, command)
 
 
-def _uses_session(item, client_id: str, session_id: str) -> bool:
-    """Whether a prompt queue item (number, id, prompt, extra_data, ...) is this client's, on this session."""
-    extra, prompt = item[3], item[2]
-    return extra.get("client_id") == client_id and any(
-        isinstance(node, dict) and node.get("class_type") in LIVE_NODE_TYPES
-        and (node.get("inputs") or {}).get("session") == session_id for node in prompt.values())
-
-
-def cancel_queued_prompts(client_id: str, session_id: str) -> int:
-    """Remove the queued (not yet running) prompts of ``client_id`` that use this live session."""
-    queue = _prompt_server().prompt_queue
-    removed = 0
-    while queue.delete_queue_item(lambda item: _uses_session(item, client_id, session_id)):
-        removed += 1
-    return removed
-
-
-def interrupt_running_prompt(client_id: str, session_id: str) -> bool:
-    """Interrupt the running prompt if it is this client's on this session.
+def stop_runs(run_ids: list[str]) -> tuple[int, bool]:
+    """Remove the queued ones of these runs from ComfyUI's queue and interrupt the running one; (removed, interrupted).
 
     The check and the interrupt happen under the queue's lock, as ComfyUI 0.33's own
-    ``interrupt_if_running`` does: the worker cannot start another prompt in between, and it clears the
-    flag when it starts the next one, so no other prompt is ever interrupted.
+    ``interrupt_if_running`` does: the worker cannot start another prompt in between. A run the worker has
+    just picked up may start anyway (ComfyUI clears the flag as a prompt starts): its session has ended, so
+    its Turbo Live nodes stop it as interrupted (``SessionStore.take`` raises ``RunEnded``).
     """
     import nodes as comfy_nodes          # ComfyUI's nodes module
+    ids = set(run_ids)
+    if not ids:
+        return 0, False
     queue = _prompt_server().prompt_queue
+    removed = 0
+    while queue.delete_queue_item(lambda item: item[1] in ids):
+        removed += 1
     with queue.mutex:
-        if any(_uses_session(item, client_id, session_id) for item in queue.currently_running.values()):
+        if any(item[1] in ids for item in queue.currently_running.values()):
             comfy_nodes.interrupt_processing()
-            return True
-    return False
+            return removed, True
+    return removed, False
+
+
+def authorize_prompt(json_data: dict) -> dict:
+    """ComfyUI's on-prompt hook: a prompt posted with a session's token (extra_data.turbo_live_token) becomes
+    one of that session's runs; the token is taken out before ComfyUI stores the prompt."""
+    extra = json_data.get("extra_data") if isinstance(json_data, dict) else None
+    token = extra.pop(TOKEN_EXTRA_DATA, None) if isinstance(extra, dict) else None
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    if token is None or not isinstance(prompt, dict):
+        return json_data
+    sessions = {(node.get("inputs") or {}).get("session") for node in prompt.values()
+                if isinstance(node, dict) and node.get("class_type") in LIVE_NODE_TYPES}
+    for session_id in sessions:
+        session = STORE.get(session_id) if isinstance(session_id, str) else None
+        if session is None or not isinstance(token, str) or token != session.token:
+            continue
+        if json_data.get("prompt_id") is None:
+            json_data["prompt_id"] = str(uuid.uuid4())
+        delete_history(STORE.authorize_run(session_id, str(json_data["prompt_id"])))
+    return json_data
+
+
+async def _recover_forever() -> None:
+    while True:
+        await asyncio.sleep(runs.RECOVERY_SECONDS)
+        try:
+            runs.recover(STORE)
+        except Exception:
+            logging.exception("comfy-turbo live: checking the live sessions' runs failed")
+
+
+def _start_recovery() -> None:
+    if not _recovery:
+        _recovery.append(asyncio.get_running_loop().create_task(_recover_forever()))
 
 
 # --- out --------------------------------------------------------------------------------------
@@ -322,12 +501,24 @@ def is_connected(client_id: str | None) -> bool:
     return client_id is not None and client_id in _prompt_server().sockets
 
 
-def send_frame(client_id: str, metadata: dict, image: bytes) -> None:
-    """Send an encoded frame to one client as ComfyUI's binary message type 4 (from any thread)."""
+def supports_metadata(client_id: str) -> bool:
+    """Whether the client announced ``supports_preview_metadata`` (ComfyUI's websocket feature flags)."""
+    from comfy_api import feature_flags
     server = _prompt_server()
-    payload = protocol.pack_image_with_metadata(metadata, image)
-    asyncio.run_coroutine_threadsafe(
-        server.send_bytes(protocol.PREVIEW_IMAGE_WITH_METADATA, payload, client_id), server.loop)
+    return feature_flags.supports_feature(getattr(server, "sockets_metadata", {}), client_id,
+                                          "supports_preview_metadata")
+
+
+def send_frame(client_id: str, metadata: dict, image: bytes, timeout: float = 10.0) -> None:
+    """Send an encoded frame to one client as ComfyUI's binary message type 4, or type 1 (PREVIEW_IMAGE, a
+    JPEG) to a client that did not announce ``supports_preview_metadata``; from a thread other than the
+    server's event loop, returning once the bytes are on the socket."""
+    server = _prompt_server()
+    if supports_metadata(client_id):
+        event, payload = protocol.PREVIEW_IMAGE_WITH_METADATA, protocol.pack_image_with_metadata(metadata, image)
+    else:
+        event, payload = protocol.PREVIEW_IMAGE, protocol.pack_preview_image(image)
+    asyncio.run_coroutine_threadsafe(server.send_bytes(event, payload, client_id), server.loop).result(timeout)
 
 
 def delete_history(prompt_ids: list[str]) -> None:
@@ -347,5 +538,9 @@ def register() -> None:
     routes.get(ROUTE + "/{session}")(session_status)
     routes.delete(ROUTE + "/{session}")(end_session)
     routes.post(ROUTE + "/{session}/frame")(push_frame)
+    routes.post(ROUTE + "/{session}/graph")(_http_command("graph"))
+    routes.post(ROUTE + "/{session}/values")(_http_command("set"))
     routes.get(ROUTE + "/{session}/ws")(live_socket)
+    PromptServer.instance.add_on_prompt_handler(authorize_prompt)
+    GC_CLOCK.install()
     _registered.append(True)

@@ -1,12 +1,18 @@
-"""The live sessions: a bounded in-memory store holding the newest frame of each.
+"""The live sessions: a bounded in-memory store holding the newest frame of each, its graph and its runs.
 
 A session is named by its client (``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``) and holds one frame: each new
-frame replaces the last, and a frame replaced before any prompt used it counts as dropped. A frame
+frame replaces the last, and a frame replaced before any run used it counts as dropped. A frame
 older than the one held (by frame id) is dropped on arrival, so the newest always wins even when
-frames decode out of order. One client at a time may attach to a session (its websocket); frames of
-the session's outputs go to that client only, and the session ends when that connection closes. At
-most ``Limits.max_sessions`` exist; one fed over HTTP, with no attached client, ends after
-``Limits.idle_seconds`` without a frame or a prompt. A refused frame opens no session.
+frames decode out of order. One client at a time may attach to a session (its websocket); the session
+ends when that connection closes. At most ``Limits.max_sessions`` exist; one fed over HTTP, with no
+attached client, ends after ``Limits.idle_seconds`` without a frame or a run. A refused frame opens no
+session.
+
+Sessions are private. Each has a secret ``token``, handed to whoever opened it (the attached connection,
+or the first HTTP push); pushing frames, changing the graph and queueing a run by hand all need it. Only
+the session's *runs* may read its frames: the prompts its loop queued (``live.runs``) and the ones queued
+by hand with its token (``authorize_run``). When a session ends, its runs are remembered as ended, so a
+run that is still being picked up stops as interrupted instead of failing for want of a frame.
 
 Thread-safe: frames arrive on the server's event loop (decoded in its executor) and are read by the
 prompt worker thread.
@@ -15,9 +21,10 @@ from __future__ import annotations
 
 import itertools
 import re
+import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,13 +33,25 @@ from .frames import FrameError, Limits
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KEPT_PROMPTS = 8          # history entries a session keeps of its prompts (the rest are deleted)
+KEPT_RUN_IDS = 64         # run ids a session (and the store, of ended sessions) remembers
 DECODE_WAIT = 1.0         # seconds a prompt waits for a frame of its session that is still decoding
 _runs = itertools.count(1)  # numbers each run of a session: frame ids restart at 1 with every run
 _decode_tickets = itertools.count(1)  # numbers each frame that starts decoding, in arrival order
 
 
 class SessionError(FrameError):
-    """A session that cannot be used as asked (bad name, unknown, busy, too many)."""
+    """A session that cannot be used as asked (bad name, unknown, busy, too many, wrong token)."""
+
+
+class RunEnded(Exception):
+    """The prompt is a run of a session that has ended: it stops as interrupted (never "no frame")."""
+
+
+def _bounded_add(ids: OrderedDict, key, value=True, limit: int = KEPT_RUN_IDS) -> None:
+    ids[key] = value
+    ids.move_to_end(key)
+    while len(ids) > limit:
+        ids.popitem(last=False)
 
 
 def check_session_id(session_id) -> str:
@@ -94,8 +113,20 @@ class PromptLog:
 class Session:
     id: str
     run: int = field(default_factory=lambda: next(_runs))
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     client_id: str | None = None          # ComfyUI client id that gets this session's output frames
-    attached: object | None = None        # token of the attached websocket, if any
+    attached: object | None = None        # the attached websocket's connection object, if any
+    notify: object | None = None          # callable(dict): a message to the attached connection (any thread)
+    graph: object | None = None           # the loop's graph (live.runs.LiveGraph), once handed over
+    graph_version: int = 0                # counts changes of the graph or its values
+    served_version: int = 0               # the newest graph version a started run holds
+    last_run: str | None = None           # the newest run the loop queued
+    runs: OrderedDict = field(default_factory=OrderedDict)      # run prompt id -> graph version (bounded)
+    started: OrderedDict = field(default_factory=OrderedDict)   # run prompt ids that began (read their frame key)
+    pinned: OrderedDict = field(default_factory=OrderedDict)    # run prompt id -> the frame its fingerprint named
+    outputs_dropped: int = 0              # output frames a newer one replaced before they were sent
+    last_output_at: float | None = None   # perf_counter() when the last run's output node ran
+    gc_ms_at_output: float = 0.0          # GC_CLOCK.total_ms then
     frame: Frame | None = None
     frame_used: bool = False
     last_frame_id: int = 0
@@ -108,14 +139,28 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
 
     def counters(self) -> dict:
-        return {"received": self.received, "used": self.used, "dropped": self.dropped, "sent": self.sent}
+        return {"received": self.received, "used": self.used, "dropped": self.dropped, "sent": self.sent,
+                "outputs_dropped": self.outputs_dropped}
 
     def status(self) -> dict:
+        """What anyone may read: no client id, no token, no pixels."""
         frame = self.frame
-        return {"session": self.id, "attached": self.attached is not None, "client_id": self.client_id,
+        return {"session": self.id, "attached": self.attached is not None,
                 "frame": None if frame is None else {"frame_id": frame.id, "width": frame.width,
                                                      "height": frame.height, "format": frame.source},
-                "frames": self.counters()}
+                "frames": self.counters(),
+                "loop": {"graph": self.graph is not None, "runs": len(self.runs)}}
+
+    @property
+    def unserved(self) -> bool:
+        """An input no run has taken yet: a frame the graph reads, or a change of the graph's values."""
+        needs_frames = self.graph is not None and self.graph.needs_frames
+        return self.graph is not None and (self.graph_version > self.served_version or
+                                           (needs_frames and self.frame is not None and not self.frame_used))
+
+    def tell(self, message: dict) -> None:
+        if self.notify is not None:
+            self.notify(message)
 
 
 class SessionStore:
@@ -128,13 +173,27 @@ class SessionStore:
         self._decoding: dict[str, dict[int, int]] = {}
         self._sessions: dict[str, Session] = {}
         self._other_prompts = PromptLog()      # live prompts of sessions that are not open
+        self._ended_runs: OrderedDict = OrderedDict()   # run prompt ids of sessions that ended
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the loop decides whether to queue a run (live.runs), so inputs and runs agree."""
+        return self._lock
 
     # -- lookup and lifetime -----------------------------------------------------------------
     def _expire(self) -> None:
         now = self._clock()
         for sid in [sid for sid, s in self._sessions.items()
                     if s.attached is None and now - s.last_seen > self.limits.idle_seconds]:
-            del self._sessions[sid]
+            self._end(sid)
+
+    def _end(self, session_id: str) -> Session | None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            for run in session.runs:
+                _bounded_add(self._ended_runs, run, limit=4 * KEPT_RUN_IDS)
+        self._forget_reserved_ids(session_id)
+        return session
 
     def _open(self, session_id: str) -> Session:
         check_session_id(session_id)
@@ -155,50 +214,81 @@ class SessionStore:
             self._expire()
             return self._sessions.get(session_id)
 
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            self._expire()
+            return list(self._sessions.values())
+
     def __len__(self) -> int:
         with self._lock:
             self._expire()
             return len(self._sessions)
 
-    def close(self, session_id: str) -> bool:
+    def close(self, session_id: str, token: str | None = None) -> bool:
+        """End a session fed over HTTP (its token needed)."""
         with self._lock:
-            self._forget_reserved_ids(session_id)
-            return self._sessions.pop(session_id, None) is not None
+            session = self._sessions.get(session_id)
+            if session is None:
+                return False
+            self._check_token(session, token)
+            if session.attached is not None:
+                raise SessionError(f"session '{session_id}' has a client attached; it ends when that client stops "
+                                   "Live (closes its websocket).", status=409)
+            return self._end(session_id) is not None
 
-    # -- clients -----------------------------------------------------------------------------
-    def attach(self, session_id: str, client_id: str, token: object) -> Session:
-        """Bind the session to one client's connection; a second live connection is refused."""
+    # -- clients and tokens ------------------------------------------------------------------
+    def attach(self, session_id: str, client_id: str, connection: object, notify=None,
+               token: str | None = None) -> Session:
+        """Bind the session to one client's connection (a second live connection is refused); the session gets
+        a new token, which the connection hands to its client. A session fed over HTTP is taken over only with
+        its token."""
         with self._lock:
-            session = self._open(session_id)
-            if session.attached is not None and session.attached is not token:
+            check_session_id(session_id)
+            existing = self.get(session_id)
+            if existing is not None and existing.attached is not None and existing.attached is not connection:
                 raise SessionError(
                     f"session '{session_id}' is already live in another tab or client. Stop Live there, or give "
                     "this graph's Turbo Live nodes another session name.", status=409)
-            if session.attached is not token:     # a new run numbers its frames from 1
+            if existing is not None and existing.attached is None:
+                self._check_token(existing, token)
+            session = self._open(session_id)
+            if session.attached is not connection:     # a new owner: frames numbered from 1, a new secret
+                for run in session.runs:
+                    _bounded_add(self._ended_runs, run, limit=4 * KEPT_RUN_IDS)
                 session.frame, session.frame_used, session.last_frame_id = None, False, 0
-                session.last_use, session.run = None, next(_runs)
+                session.last_use, session.run, session.token = None, next(_runs), secrets.token_urlsafe(24)
+                session.graph, session.last_run, session.runs = None, None, OrderedDict()
                 self._forget_reserved_ids(session_id)
-            session.attached, session.client_id = token, client_id
+            session.attached, session.client_id, session.notify = connection, client_id, notify
             return session
 
-    def detach(self, session_id: str, token: object) -> bool:
+    def detach(self, session_id: str, connection: object) -> bool:
         """The attached connection closed: the session ends (its frame is freed). True if it was the owner."""
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is None or session.attached is not token:
+            if session is None or session.attached is not connection:
                 return False
-            del self._sessions[session_id]
-            self._forget_reserved_ids(session_id)
+            self._end(session_id)
             return True
 
-    def check_client(self, session_id: str, client_id: str | None) -> None:
-        """Refuse a frame pushed over HTTP by another client than the one attached to the session."""
+    @staticmethod
+    def _check_token(session: Session, token: str | None) -> None:
+        if not isinstance(token, str) or not secrets.compare_digest(token.encode(), session.token.encode()):
+            raise SessionError(
+                f"live session '{session.id}' belongs to another client: {'this token is wrong' if token else 'no token was given'}. "
+                "Send the token its owner got when it opened the session (the websocket's 'attached' message, or "
+                "the first frame's answer) as the X-Turbo-Live-Token header, or use another session name.",
+                status=403)
+
+    def check_token(self, session_id: str, token: str | None) -> Session:
+        """The session, if ``token`` is its secret; else a 403 (404 when there is no such session)."""
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None and session.attached is not None and client_id != session.client_id:
-                raise SessionError(
-                    f"session '{session_id}' is live in another client's connection; push frames there, pass "
-                    "that client's client_id, or use another session name.", status=409)
+            session = self.get(session_id)
+            if session is None:
+                raise SessionError(f"there is no live session '{session_id}' (it never started, or expired after "
+                                   "being idle).", status=404)
+            self._check_token(session, token)
+            return session
 
     # -- frames ------------------------------------------------------------------------------
     def reserve_frame_id(self, session_id: str, ticket: int | None = None) -> int:
@@ -219,15 +309,26 @@ class SessionStore:
         for ticket in self._decoding.get(session_id, {}):
             self._decoding[session_id][ticket] = 0
 
-    def put(self, session_id: str, frame: Frame, client_id: str | None = None) -> tuple[bool, Session]:
+    def check_push(self, session_id: str, token: str | None) -> None:
+        """Refuse a frame for an open session without its token (a new session needs none: it gets one)."""
+        with self._lock:
+            check_session_id(session_id)
+            session = self.get(session_id)
+            if session is not None:
+                self._check_token(session, token)
+
+    def put(self, session_id: str, frame: Frame, token: str | None = None,
+            client_id: str | None = None) -> tuple[bool, Session]:
         """Keep ``frame`` as the session's newest, unless a newer one is held. Returns (accepted, session).
 
-        ``client_id`` (frames pushed over HTTP) becomes the session's client, unless another one is attached.
+        An open session needs its ``token``; a frame for a session that is not open opens it (its answer
+        carries the new token). ``client_id`` (frames pushed over HTTP) becomes the session's client,
+        unless one is attached.
         """
         with self._lock:
-            self.check_client(session_id, client_id)
+            self.check_push(session_id, token)
             session = self._open(session_id)
-            if client_id:
+            if client_id and session.attached is None:
                 session.client_id = client_id
             session.received += 1
             if frame.id <= session.last_frame_id and session.frame is not None:
@@ -272,32 +373,98 @@ class SessionStore:
                 (left := deadline - time.monotonic()) > 0:
             self._decoded.wait(left)
 
-    def newest_frame_key(self, session_id: str, wait: float = DECODE_WAIT) -> tuple[int, int] | None:
-        """(run, frame id) of the session's newest frame, unique across runs of a session; or None."""
+    # -- runs --------------------------------------------------------------------------------
+    def authorize_run(self, session_id: str, prompt_id: str, graph_version: int | None = None) -> list[str]:
+        """Make ``prompt_id`` one of the session's runs (it may read the session's frames); returns the runs
+        whose history entries can go (all but the last ``KEPT_PROMPTS``)."""
         with self._lock:
-            self._wait_for_decodes(session_id, wait)
             session = self._sessions.get(session_id)
-            return None if session is None or session.frame is None else (session.run, session.frame.id)
+            if session is None:
+                return []
+            _bounded_add(session.runs, prompt_id, session.graph_version if graph_version is None else graph_version)
+            session.last_seen = self._clock()
+            return session.prompts.note(prompt_id)
+
+    def _run_of(self, session_id: str, prompt_id: str | None) -> Session:
+        """The session whose run ``prompt_id`` is; RunEnded if that session ended; a SessionError otherwise."""
+        if prompt_id is not None and prompt_id in self._ended_runs:
+            raise RunEnded(prompt_id)
+        check_session_id(session_id)
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionError(
+                f"live session '{session_id}' has no frame: it is not open (no frame has arrived). Press Live in the "
+                f"Turbo Live panel, or push a frame to /comfy-turbo/live/{session_id}/frame, before queueing this "
+                "graph.", status=404)
+        if prompt_id not in session.runs:
+            raise SessionError(
+                f"this prompt is not a run of live session '{session_id}', so it may not read that session's frames. "
+                "Hand the graph to the session (Turbo Live panel, or the session's websocket: docs/live.md), or queue "
+                "it with the session's token as extra_data.turbo_live_token.", status=403)
+        return session
+
+    def run_started(self, session_id: str, prompt_id: str | None) -> tuple[int, int] | None:
+        """A run of the session begins (ComfyUI asks its Turbo Live nodes for their fingerprint): note it, and
+        return the (session run, frame id) of the newest frame, unique across runs of a session; None when
+        there is no frame or the prompt is not one of the session's runs."""
+        with self._lock:
+            try:
+                session = self._run_of(session_id, prompt_id)
+            except (SessionError, RunEnded):
+                return None
+            if prompt_id not in session.started:
+                _bounded_add(session.started, prompt_id, time.perf_counter())
+                session.served_version = max(session.served_version, session.runs[prompt_id])
+            self._wait_for_decodes(session_id, DECODE_WAIT)
+            frame = session.pinned.get(prompt_id) or session.frame
+            if frame is None:
+                return None
+            # The run reads the frame its fingerprint names, even if a newer one arrives before it executes
+            # (that one queues the next run): the cache key and the pixels always agree.
+            _bounded_add(session.pinned, prompt_id, frame, limit=8)
+            if frame is session.frame and not session.frame_used:
+                session.used += 1
+                session.frame_used = True
+            return session.run, frame.id
+
+    def run_started_at(self, session: Session, prompt_id: str | None) -> float | None:
+        with self._lock:
+            return session.started.get(prompt_id)
 
     def take(self, session_id: str, prompt_id: str | None = None, wait: float = DECODE_WAIT) -> tuple[Frame, Session]:
-        """The session's newest frame, for a prompt; an error names the session when there is none."""
+        """The session's newest frame, for one of its runs. RunEnded when its session ended; an error that names
+        the session when there is no frame, or when the prompt is not one of the session's runs."""
         with self._lock:
-            check_session_id(session_id)
-            self._wait_for_decodes(session_id, wait)
-            session = self._sessions.get(session_id)
-            if session is None or session.frame is None:
-                known = "no frame has arrived yet" if session else "it is not open (no frame has arrived)"
+            session = self._run_of(session_id, prompt_id)
+            frame = session.pinned.pop(prompt_id, None)
+            if frame is None:
+                self._wait_for_decodes(session_id, wait)
+                frame = session.frame
+            if frame is None:
                 raise SessionError(
-                    f"live session '{session_id}' has no frame: {known}. Press Live in the Turbo Live panel, or "
-                    f"push a frame to /comfy-turbo/live/{session_id}/frame, before queueing this graph.", status=404)
-            frame = session.frame
-            if not session.frame_used:
+                    f"live session '{session_id}' has no frame: no frame has arrived yet. Press Live in the Turbo "
+                    f"Live panel, or push a frame to /comfy-turbo/live/{session_id}/frame, before queueing this "
+                    "graph.", status=404)
+            if frame is session.frame and not session.frame_used:
                 session.used += 1
-            session.frame_used = True
+                session.frame_used = True
             session.last_seen = self._clock()
             now = time.perf_counter()
             session.last_use = FrameUse(frame.id, frame.received_at, frame.decode_ms, now, now, prompt_id)
             return frame, session
+
+    def output_session(self, session_id: str, prompt_id: str | None) -> Session | None:
+        """The session a Turbo Live Output sends to: None when it is not open (the prompt's own client gets the
+        frames then); RunEnded or a SessionError when the prompt may not send to it."""
+        with self._lock:
+            if prompt_id is not None and prompt_id in self._ended_runs:
+                raise RunEnded(prompt_id)
+            session = self._sessions.get(session_id)
+            return None if session is None else self._run_of(session_id, prompt_id)
+
+    def run_ended(self, prompt_id: str | None) -> bool:
+        with self._lock:
+            return prompt_id in self._ended_runs
 
     # -- prompts -----------------------------------------------------------------------------
     def note_prompt(self, session_id: str, prompt_id: str | None) -> list[str]:
@@ -307,8 +474,3 @@ class SessionStore:
                 return []
             session = self._sessions.get(session_id)
             return (session.prompts if session else self._other_prompts).note(prompt_id)
-
-    def prompt_started(self, session_id: str, prompt_id: str | None) -> float | None:
-        with self._lock:
-            session = self._sessions.get(session_id)
-            return (session.prompts if session else self._other_prompts).started.get(prompt_id)

@@ -1,11 +1,12 @@
 """Turbo Live Input / Turbo Live Output: a graph's frames in and out of a live session, in memory.
 
-*Turbo Live Input* outputs the newest frame a client pushed to its session (``live.server`` routes);
-its fingerprint is that frame's id, so an unchanged frame leaves the graph cached and a new one
-re-runs it. *Turbo Live Output* encodes JPEG or WebP here, in the prompt worker thread, and sends
-the bytes to the session's own client as ComfyUI's binary websocket message type 4, with the prompt
-id, the input frame id and the stage timings; nothing is written to disk, and the session keeps only
-its last few prompts in the history.
+*Turbo Live Input* outputs the newest frame a client pushed to its session (``live.server`` routes),
+to the session's runs only; its fingerprint is that frame's id, so an unchanged frame leaves the graph
+cached and a new one re-runs it. *Turbo Live Output* hands each picture to ``live.sender``, which
+encodes it (JPEG or WebP) and sends it off the prompt worker thread to the session's own client, as
+ComfyUI's binary websocket message type 4 with the prompt id, the input frame id and the stage
+timings; nothing is written to disk, and the session keeps only its last few runs in the history.
+A run of a session that has ended stops as interrupted.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import comfy.utils
 from comfy_api.latest import io as comfy_io
 
 from ..live import server as live_server
-from ..live.sessions import SessionError, check_session_id
+from ..live.gc_clock import GC_CLOCK
+from ..live.sender import SENDER, Output
+from ..live.sessions import RunEnded, SessionError, check_session_id
 from .errors import TurboError
 
 SOURCES = ("webcam", "paint", "api")
@@ -59,9 +62,14 @@ def frame_to_image(pixels, width: int = 0, height: int = 0) -> torch.Tensor:
     return image.to(comfy.model_management.intermediate_device())
 
 
+def to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """One [H, W, C] image in 0..1 as [H, W, 3] uint8 (8-bit as ComfyUI's SaveImage rounds it), on its device."""
+    return image[..., :3].mul(255.0).clamp_(0, 255).to(torch.uint8)
+
+
 def encode_image(image: torch.Tensor, fmt: str, quality: int) -> bytes:
-    """One [H, W, C] image in 0..1 as JPEG or WebP bytes (8-bit as ComfyUI's SaveImage rounds it)."""
-    pixels = image[..., :3].mul(255.0).clamp_(0, 255).to(device="cpu", dtype=torch.uint8).numpy()
+    """One [H, W, C] image (0..1 floats, or uint8 from ``to_pixels``) as JPEG or WebP bytes."""
+    pixels = (image if image.dtype == torch.uint8 else to_pixels(image)).to("cpu").numpy()
     buffer = io.BytesIO()
     pil_format, _ = OUTPUT_FORMATS[fmt]
     options = {"quality": int(quality)}
@@ -96,22 +104,27 @@ class TurboLiveInput(comfy_io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, session, **kwargs):
+    def validate_inputs(cls, session):
         return _check_session(session)
 
     @classmethod
     def fingerprint_inputs(cls, session=None, **kwargs):
-        # The newest frame's (run, id): a new frame re-runs the graph, the same frame leaves it cached, and a
-        # session's next run (frame ids from 1 again) never matches the last one's frames.
-        key = live_server.STORE.newest_frame_key(session) if isinstance(session, str) else None
+        # The newest frame's (run, id), for the session's runs: a new frame re-runs the graph, the same frame
+        # leaves it cached, and a session's next run (frame ids from 1 again) never matches the last one's
+        # frames. Any other prompt gets NaN, so it never reads a run's frame out of ComfyUI's cache either.
+        key = live_server.STORE.run_started(session, current_prompt_id()) if isinstance(session, str) else None
         return float("nan") if key is None else f"{session}#{key[0]}.{key[1]}"
 
     @classmethod
     def execute(cls, session, width=512, height=512, source="webcam") -> comfy_io.NodeOutput:
+        prompt_id = current_prompt_id()
         try:
-            frame, state = live_server.STORE.take(session, current_prompt_id())
+            frame, state = live_server.STORE.take(session, prompt_id)
+        except RunEnded:
+            raise comfy.model_management.InterruptProcessingException() from None
         except SessionError as e:
             raise TurboError(str(e).removeprefix("comfy-turbo live: ")) from None
+        state.tell({"type": "taken", "frame_id": frame.id, "prompt_id": prompt_id})
         image = frame_to_image(frame.pixels, width, height)
         state.last_use.ready_at = time.perf_counter()
         return comfy_io.NodeOutput(image)
@@ -141,16 +154,15 @@ class TurboLiveOutput(comfy_io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, session, **kwargs):
+    def validate_inputs(cls, session):
         return _check_session(session)
 
     @classmethod
     def fingerprint_inputs(cls, session=None, **kwargs):
-        # Runs at the start of every prompt that holds this node, cached or not: note the prompt as the
-        # session's, and delete the history of its older prompts. The value itself never changes.
-        if not isinstance(session, str):
-            return 0
-        live_server.delete_history(live_server.STORE.note_prompt(session, current_prompt_id()))
+        # A run of the session begins: noted, so the loop knows it holds the newest values. The value itself
+        # never changes.
+        if isinstance(session, str):
+            live_server.STORE.run_started(session, current_prompt_id())
         return 0
 
     @classmethod
@@ -159,8 +171,14 @@ class TurboLiveOutput(comfy_io.ComfyNode):
         if format not in OUTPUT_FORMATS:
             raise TurboError(f"Unknown format {format!r}: use one of {', '.join(OUTPUT_FORMATS)}.")
         prompt_id = current_prompt_id()
-        state = live_server.STORE.get(session)
-        client_id = (state.client_id if state is not None else None) or live_server.prompt_client_id()
+        try:
+            state = live_server.STORE.output_session(session, prompt_id)
+        except RunEnded:
+            raise comfy.model_management.InterruptProcessingException() from None
+        except SessionError as e:
+            raise TurboError(str(e).removeprefix("comfy-turbo live: ")) from None
+        # The session's own client; a prompt on no open session shows its pictures to its own client.
+        client_id = state.client_id if state is not None else live_server.prompt_client_id()
         if client_id is None:
             raise TurboError(
                 f"live session '{session}' has no client to send frames to. Press Live in the Turbo Live panel, "
@@ -172,7 +190,13 @@ class TurboLiveOutput(comfy_io.ComfyNode):
 
         use = state.last_use if state is not None else None
         fresh = use is not None and use.prompt_id == prompt_id
-        started = live_server.STORE.prompt_started(session, prompt_id)
+        started = live_server.STORE.run_started_at(state, prompt_id) if state is not None else None
+        between = gc_between = None
+        if state is not None and fresh:
+            if state.last_output_at is not None and use.ready_at > state.last_output_at:
+                between = (use.ready_at - state.last_output_at) * 1000.0    # the loop's time outside the model
+                gc_between = GC_CLOCK.total_ms - state.gc_ms_at_output      # ... of which garbage collection
+            state.last_output_at, state.gc_ms_at_output = start, GC_CLOCK.total_ms
         node_id = cls.hidden.unique_id
         dynprompt = cls.hidden.dynprompt
         ids = {"node_id": node_id, "display_node_id": node_id, "parent_node_id": None, "real_node_id": node_id}
@@ -180,27 +204,48 @@ class TurboLiveOutput(comfy_io.ComfyNode):
             ids.update(display_node_id=dynprompt.get_display_node_id(node_id),
                        parent_node_id=dynprompt.get_parent_node_id(node_id),
                        real_node_id=dynprompt.get_real_node_id(node_id))
+        fmt = format if live_server.supports_metadata(client_id) else "jpeg"     # type 1 carries JPEG only
         for index, image in enumerate(images):
-            encode_start = time.perf_counter()
-            data = encode_image(image, format, quality)
-            sent_at = time.perf_counter()
-            timings = {"encode": (sent_at - encode_start) * 1000.0}
+            timings = {}
             if use is not None:
                 timings.update(wait=(use.taken_at - use.received_at) * 1000.0, decode=use.decode_ms)
             origin = use.ready_at if fresh else started
             if origin is not None:
                 timings["graph"] = (start - origin) * 1000.0
-            if fresh:
-                timings["server"] = (sent_at - use.received_at) * 1000.0
-            if started is not None:
-                timings["prompt"] = (sent_at - started) * 1000.0
-            if state is not None:
-                state.sent += 1
-            metadata = {**ids, "prompt_id": prompt_id, "image_type": OUTPUT_FORMATS[format][1],
+            if between is not None:
+                timings.update(between=between, gc=gc_between)
+            metadata = {**ids, "prompt_id": prompt_id, "image_type": OUTPUT_FORMATS[fmt][1],
                         "turbo_live": {"session": session, "frame_id": use.frame_id if use else None,
                                        "fresh_frame": fresh, "batch_index": index,
-                                       "width": int(image.shape[1]), "height": int(image.shape[0]),
-                                       "timings_ms": {k: round(v, 3) for k, v in timings.items()},
-                                       "frames": state.counters() if state is not None else None}}
-            live_server.send_frame(client_id, metadata, data)
+                                       "width": int(image.shape[1]), "height": int(image.shape[0])}}
+            SENDER.submit(Output(session, _sender(client_id, metadata, timings, to_pixels(image), fmt, quality, state,
+                                                  use if fresh else None, started, start),
+                                 _dropped(state)))
         return comfy_io.NodeOutput()
+
+
+def _sender(client_id, metadata, timings, pixels, fmt, quality, state, use, started, output_at):
+    """Encode and send one picture (in live.sender's thread): the stage timings are finished there."""
+    def send() -> None:
+        handed_over = time.perf_counter()
+        data = encode_image(pixels, fmt, quality)
+        sent_at = time.perf_counter()
+        timings.update(handoff=(handed_over - output_at) * 1000.0, encode=(sent_at - handed_over) * 1000.0)
+        if use is not None:
+            timings["server"] = (sent_at - use.received_at) * 1000.0
+        if started is not None:
+            timings["prompt"] = (sent_at - started) * 1000.0
+        live = metadata["turbo_live"]
+        live["timings_ms"] = {k: round(v, 3) for k, v in timings.items()}
+        if state is not None:
+            state.sent += 1
+            live["frames"] = state.counters()
+        live_server.send_frame(client_id, metadata, data)
+    return send
+
+
+def _dropped(state):
+    def dropped() -> None:
+        if state is not None:
+            state.outputs_dropped += 1
+    return dropped

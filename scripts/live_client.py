@@ -3,26 +3,32 @@
 It does what the web UI's Turbo Live panel does (web/turbo_live.js), and the tests and the live
 benchmark drive the server with it:
 
-* ComfyUI's own websocket ``/ws?clientId=C`` carries the status and the output frames (binary
-  message type 4: metadata JSON + JPEG/WebP bytes);
+* ComfyUI's own websocket ``/ws?clientId=C`` carries the status, the runs' progress and the output
+  frames (binary message type 4: metadata JSON + JPEG/WebP bytes);
 * the pack's websocket ``/comfy-turbo/live/<session>/ws?clientId=C`` carries the input frames
-  (``>I header length | header JSON | image bytes``) and answers each with a JSON acknowledgement;
-* prompts go to ComfyUI's ``POST /prompt``, never more than one at a time on the server: an input
-  that arrives while one runs waits in the client, and only the newest waiting input is sent. A
-  prompt is queued as soon as its frame is sent, without waiting for the acknowledgement: the server
-  decodes the frame while it validates the prompt, and the prompt reads the frame once it is decoded.
+  (``>I header length | header JSON | image bytes``), each answered with a JSON acknowledgement, and
+  the graph and its values; the server answers with the session's token and tells of each run it queues
+  and each frame a run takes.
+
+``ServerLoop`` is protocol 2, what the panel does: the graph is handed over once, and the server runs
+the loop (a new frame or changed values queue the next run there; no ``POST /prompt``).
 
     client = LiveClient("http://127.0.0.1:8188", session="live").connect()
-    loop = LiveLoop(client, prompt)          # prompt: the API-format graph with Turbo Live nodes
-    loop.push_frame(jpeg_bytes)              # or loop.edit(new_prompt) for prompt-as-you-type
-    loop.pump(0.5)                           # submits when idle, collects outputs
+    loop = ServerLoop(client, prompt)        # prompt: the API-format graph with Turbo Live nodes
+    loop.push_frame(jpeg_bytes)              # or loop.edit(new_prompt): only changed values are sent
+    loop.pump(0.5)                           # collects outputs
     loop.outputs[-1].image, loop.stats()
+
+``LiveLoop`` is the browser-driven loop of protocol 1, kept for the benchmark's comparison: the client
+POSTs each prompt itself (with the session's token), one at a time, the newest input waiting in the
+client.
 
 Needs ``websocket-client`` (a test/bench extra, not a dependency of the pack).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import select
@@ -139,6 +145,18 @@ class Http:
         return json.loads(body)
 
 
+def _read_message(ws: websocket.WebSocket):
+    """One message (str or bytes) of a readable websocket, or None for a control frame. The server's
+    heartbeat pings are answered here: a plain ``recv()`` would answer one and then block for the next
+    message, however long that takes."""
+    opcode, data = ws.recv_data(control_frame=True)      # answers a ping with a pong
+    if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+        return None
+    if opcode == websocket.ABNF.OPCODE_CLOSE:
+        raise ConnectionError("closed")
+    return data.decode() if opcode == websocket.ABNF.OPCODE_TEXT else data
+
+
 class LiveClient:
     def __init__(self, url: str, session: str = "live", client_id: str | None = None):
         self.url = url.rstrip("/")
@@ -153,8 +171,14 @@ class LiveClient:
     def ws_url(self) -> str:
         return "ws" + self.url[len("http"):]
 
-    def connect(self, timeout: float = 10.0) -> "LiveClient":
+    @property
+    def token(self) -> str | None:
+        return (self.attached or {}).get("token")
+
+    def connect(self, timeout: float = 10.0, preview_metadata: bool = True) -> "LiveClient":
         self.comfy_ws = websocket.create_connection(f"{self.ws_url}/ws?clientId={self.client_id}", timeout=timeout)
+        if preview_metadata:         # as ComfyUI's frontend announces it: pictures come as type 4, with metadata
+            self.comfy_ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
         self.live_ws = self.open_live_socket(timeout)
         first = json.loads(self.live_ws.recv())
         if first.get("type") != "attached":
@@ -165,9 +189,9 @@ class LiveClient:
             ws.settimeout(None)
         return self
 
-    def open_live_socket(self, timeout: float = 10.0) -> websocket.WebSocket:
-        return websocket.create_connection(
-            f"{self.ws_url}{LIVE_ROUTE}/{self.session}/ws?clientId={self.client_id}", timeout=timeout)
+    def open_live_socket(self, timeout: float = 10.0, token: str | None = None) -> websocket.WebSocket:
+        query = f"clientId={self.client_id}" + (f"&token={token}" if token else "")
+        return websocket.create_connection(f"{self.ws_url}{LIVE_ROUTE}/{self.session}/ws?{query}", timeout=timeout)
 
     def close(self) -> None:
         self.http.close()
@@ -195,10 +219,11 @@ class LiveClient:
         for sock in readable:
             name = sockets[sock]
             try:
-                message = (self.comfy_ws if name == "comfy" else self.live_ws).recv()
+                message = _read_message(self.comfy_ws if name == "comfy" else self.live_ws)
             except Exception as e:          # closed, by either side
                 message = e
-            received.append((name, message, time.perf_counter()))
+            if message is not None:
+                received.append((name, message, time.perf_counter()))
         return received
 
     # -- requests ----------------------------------------------------------------------------
@@ -209,9 +234,15 @@ class LiveClient:
             header.update(width=width, height=height)
         self.live_ws.send_binary(pack_frame(header, data))
 
+    def command(self, message: dict) -> None:
+        """A text command on the live websocket (graph, set, status); its answer comes through ``receive``."""
+        self.live_ws.send(json.dumps(message))
+
     def submit(self, prompt: dict) -> str:
-        status, body = self.http.request("POST", "/prompt", json.dumps({"prompt": prompt,
-                                                                         "client_id": self.client_id}).encode())
+        """POST /prompt by hand (protocol 1's loop), with the session's token: the prompt is one of its runs."""
+        status, body = self.http.request("POST", "/prompt", json.dumps({
+            "prompt": prompt, "client_id": self.client_id,
+            "extra_data": {"turbo_live_token": self.token}}).encode())
         if status != 200:
             raise LiveError(f"/prompt refused the graph: {body.decode(errors='replace')[:2000]}")
         return json.loads(body)["prompt_id"]
@@ -427,6 +458,244 @@ class LiveLoop:
                 "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
                 "server_frames": last, "prompts": len(self.prompts),
                 "max_queue_remaining": self.max_queue_remaining}
+
+
+def value_changes(old: dict, new: dict) -> dict | None:
+    """{node id: {input: value}} of the widget values that differ from ``old`` to ``new``; None when the graph
+    itself changed (nodes, classes or links), so it must be sent again."""
+    if old.keys() != new.keys():
+        return None
+    changes: dict = {}
+    for node_id, node in new.items():
+        before = old[node_id]
+        if node.get("class_type") != before.get("class_type"):
+            return None
+        inputs, previous = node.get("inputs", {}), before.get("inputs", {})
+        if inputs.keys() != previous.keys():
+            return None
+        for name, value in inputs.items():
+            was = previous[name]
+            if _is_link(value) or _is_link(was):
+                if value != was:
+                    return None
+            elif value != was:
+                changes.setdefault(node_id, {})[name] = value
+    return changes
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+@dataclass
+class ServerLoop:
+    """Protocol 2, the panel's loop: the graph goes to the server once, and the server queues every run.
+
+    ``edit`` sends only the values that changed (``set``), or the whole graph when its shape changed.
+    Frames come from ``push_frame`` (any rate: the server keeps the newest and queues a run when none is
+    waiting) or from ``camera``, a function returning the camera's current frame as JPEG bytes, which the
+    loop calls itself just in time (see ``_wants_frame``): at most one frame waits untaken on the server.
+    """
+    client: LiveClient
+    prompt: dict
+    camera: object = None
+    fps_cap: float = 30.0
+    outputs: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    refusals: list = field(default_factory=list)         # error answers to graph / set
+    acks: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)          # the runs the server queued, in order
+    reasons: dict = field(default_factory=dict)          # run prompt id -> why the server queued it
+    executed: dict = field(default_factory=dict)         # run prompt id -> [(node id, arrival time)]
+    taken: dict = field(default_factory=dict)            # run prompt id -> frame id it read
+    max_queue_remaining: int = 0
+    closed: bool = False
+
+    def __post_init__(self):
+        self._frame_id = 0
+        self._captured: dict[int, float] = {}
+        self._consumed = 0                   # every frame up to this one was taken, overtaken or refused
+        self._finished: set[str] = set()
+        self._sent_prompt: dict | None = None
+        self._answers_due = 0                # graph / set commands not answered yet
+        self._edited_at: float | None = None
+        self._run_input_time: dict[str, float | None] = {}
+        self._last_capture = float("-inf")
+        self._last_taken_at = 0.0
+        self._taken_at: dict[str, float] = {}
+        self._expected = 0.0                 # seconds a run takes, frame taken to run done (moving average)
+        self._lead = 0.005                   # seconds a frame takes to reach the server, decoded
+        self._send_graph()
+
+    @property
+    def in_flight(self) -> str | None:
+        """The newest run, while it has not finished (runs execute in order; one the server replaced with a
+        newer one before it ran never finishes, and never counts)."""
+        return self.prompts[-1] if self.prompts and self.prompts[-1] not in self._finished else None
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _send_graph(self) -> None:
+        self.client.command({"type": "graph", "prompt": self.prompt})
+        self._sent_prompt, self._answers_due = copy.deepcopy(self.prompt), self._answers_due + 1
+
+    def push_frame(self, data: bytes, fmt: str = "jpeg", captured_at: float | None = None, **size) -> int:
+        self._frame_id += 1
+        self._captured[self._frame_id] = captured_at or time.perf_counter()
+        if len(self._captured) > 4096:
+            self._captured.pop(next(iter(self._captured)))
+        self.client.send_frame(data, self._frame_id, fmt, **size)
+        return self._frame_id
+
+    def edit(self, prompt: dict, edited_at: float | None = None) -> None:
+        """The graph as it is now: its changed values go to the server at once (or the graph, if its shape
+        changed); an unchanged graph sends nothing."""
+        self.prompt = prompt
+        changes = value_changes(self._sent_prompt, prompt)
+        if changes == {}:
+            return
+        if self._edited_at is None:
+            self._edited_at = edited_at or time.perf_counter()
+        if changes is None:
+            self._send_graph()
+        else:
+            self.client.command({"type": "set", "values": changes})
+            self._sent_prompt, self._answers_due = copy.deepcopy(prompt), self._answers_due + 1
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _frame_waiting(self) -> bool:
+        return self._frame_id > self._consumed
+
+    def _wants_frame(self, now: float) -> bool:
+        """Capture a camera frame when a run will take it: at once if no run executes, else shortly before the
+        running one should end (its expected time less a frame's way to the server); one waits at most."""
+        if self.camera is None or self._frame_waiting() or now - self._last_capture < 1.0 / self.fps_cap:
+            return False
+        return self.in_flight is None or now >= self._last_taken_at + self._expected - self._lead
+
+    def _next_capture(self) -> float:
+        if self.camera is None or self._frame_waiting():
+            return float("inf")
+        soon = self._last_capture + 1.0 / self.fps_cap
+        if self.in_flight is not None:
+            soon = max(soon, self._last_taken_at + self._expected - self._lead)
+        return soon
+
+    def pump(self, seconds: float = 0.0, until=None) -> None:
+        """Handle what arrives for ``seconds`` (or until ``until()`` is true), capturing camera frames."""
+        deadline = time.perf_counter() + seconds
+        while until is None or not until():
+            now = time.perf_counter()
+            if not self.closed and self._wants_frame(now):
+                self._last_capture = now
+                self.push_frame(self.camera(), captured_at=now)
+            received = self.client.receive(min(deadline, self._next_capture()) - time.perf_counter())
+            if not received and time.perf_counter() >= deadline:
+                return
+            for source, message, at in received:
+                self._handle(source, message, at)
+            if self.closed:
+                return
+
+    def settled(self) -> bool:
+        """Nothing left to do: every command answered, every frame consumed, no run in flight."""
+        return self._answers_due == 0 and not self._frame_waiting() and self.in_flight is None
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Stop the camera, and pump until the server has run every input."""
+        self.camera = None
+        deadline = time.perf_counter() + timeout
+        while not self.settled() and not self.closed:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"the live loop did not settle within {timeout:.0f}s (in flight: {self.in_flight}, "
+                                   f"answers due {self._answers_due}, frame {self._frame_id} > {self._consumed})")
+            self.pump(0.05)
+
+    def _handle(self, source: str, message, at: float) -> None:
+        if isinstance(message, Exception) or message in ("", b""):
+            self.closed = True
+            self.errors.append(f"{source} websocket closed: {message!r}")
+            return
+        if source == "live":
+            self._handle_live(json.loads(message), at)
+        elif isinstance(message, bytes):
+            if len(message) >= 4 and struct.unpack_from(">I", message)[0] == 4:
+                metadata, image = unpack_image_with_metadata(message)
+                live = metadata.get("turbo_live") or {}
+                frame_id = live.get("frame_id")
+                start = self._captured.get(frame_id) if live.get("fresh_frame") else None
+                edit = self._run_input_time.get(metadata.get("prompt_id"))
+                origin = max(t for t in (start, edit) if t is not None) if (start or edit) else None
+                self.outputs.append(Output(metadata.get("prompt_id"), frame_id, metadata, image, at,
+                                           None if origin is None else (at - origin) * 1000.0))
+        else:
+            self._handle_comfy(json.loads(message), at)
+
+    def _handle_live(self, reply: dict, at: float) -> None:
+        kind = reply.get("type")
+        if kind in ("frame", "graph", "set") and reply.get("prompt_id"):
+            # The answer names the run it queued; it can arrive before the "run" event.
+            self._note_run(reply["prompt_id"], "frame" if kind == "frame" else "values" if kind == "set" else "graph")
+        if kind == "frame":
+            self.acks.append(reply)
+            if reply["frame_id"] in self._captured:
+                self._lead = 0.8 * self._lead + 0.2 * 1.5 * (at - self._captured[reply["frame_id"]])
+            if not reply["accepted"]:
+                self._consumed = max(self._consumed, reply["frame_id"])
+        elif kind == "run":
+            self._note_run(reply["prompt_id"], reply["reason"])
+        elif kind == "taken":
+            self.taken[reply["prompt_id"]] = reply["frame_id"]
+            self._taken_at[reply["prompt_id"]] = at
+            self._consumed = max(self._consumed, reply["frame_id"])
+            self._last_taken_at = at
+        elif kind in ("graph", "set"):
+            self._answers_due -= 1
+        elif kind == "error":
+            if reply.get("request") in ("graph", "set"):
+                self._answers_due -= 1
+                self.refusals.append(reply)
+            else:
+                self.errors.append(reply["message"])
+            if reply.get("frame_id") is not None:
+                self._consumed = max(self._consumed, reply["frame_id"])
+
+    def _note_run(self, prompt_id: str, reason: str) -> None:
+        if prompt_id in self.reasons:
+            return
+        self.prompts.append(prompt_id)
+        self.reasons[prompt_id] = reason
+        if reason in ("values", "graph"):
+            self._run_input_time[prompt_id] = self._edited_at
+            self._edited_at = None
+
+    def _handle_comfy(self, event: dict, at: float) -> None:
+        data = event.get("data") or {}
+        kind = event.get("type")
+        if kind == "status":
+            remaining = (data.get("status") or {}).get("exec_info", {}).get("queue_remaining", 0)
+            self.max_queue_remaining = max(self.max_queue_remaining, remaining)
+            return
+        prompt_id = data.get("prompt_id")
+        if prompt_id not in self.reasons:
+            return
+        if kind == "executing" and data.get("node") is not None:
+            self.executed.setdefault(prompt_id, []).append((data["node"], at))
+        if kind == "execution_error":
+            self.errors.append(f"{data.get('node_type')}: {data.get('exception_message')}")
+        if (kind == "executing" and data.get("node") is None) or kind in ("execution_error", "execution_interrupted"):
+            self._finished.add(prompt_id)
+            self.executed.setdefault(prompt_id, []).append((None, at))
+            if prompt_id in self._taken_at:      # its own frame's time: the next run's taken may come first
+                took = at - self._taken_at.pop(prompt_id)
+                self._expected = took if self._expected == 0 else 0.8 * self._expected + 0.2 * took
+
+    def node_seconds(self, prompt_id: str) -> dict[str, float]:
+        """Wall time per node of a run, from the server's 'executing' messages."""
+        steps = self.executed.get(prompt_id, [])
+        return {node: later - at for (node, at), (_, later) in zip(steps, steps[1:]) if node is not None}
+
+    def stats(self, since: float | None = None) -> dict:
+        return LiveLoop.stats(self, since)
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:

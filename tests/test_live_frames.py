@@ -16,7 +16,7 @@ from PIL import Image
 
 from comfy_turbo.live import frames, protocol
 from comfy_turbo.live.frames import FrameError, Limits
-from comfy_turbo.live.sessions import KEPT_PROMPTS, Frame, SessionError, SessionStore, check_session_id
+from comfy_turbo.live.sessions import KEPT_PROMPTS, Frame, RunEnded, SessionError, SessionStore, check_session_id
 
 
 def encoded(fmt: str, width: int = 64, height: int = 48, seed: int = 0) -> bytes:
@@ -116,17 +116,25 @@ def test_other_session_ids_are_refused(name):
         check_session_id(name)
 
 
+def opened(store: SessionStore, session_id: str = "s", frame_id: int = 1) -> str:
+    """Open a session as an HTTP push does (its first frame); its token."""
+    assert store.put(session_id, frame(frame_id))[0]
+    return store.get(session_id).token
+
+
 def test_the_newest_frame_wins_and_overtaken_frames_count_as_dropped():
     store = SessionStore()
-    assert store.put("s", frame(1))[0]
-    assert store.put("s", frame(3))[0]              # 1 was never used: dropped
-    accepted, session = store.put("s", frame(2))    # arrives late: older than the one held
-    assert not accepted and store.newest_frame_key("s")[1] == 3
+    token = opened(store)
+    assert store.put("s", frame(3), token)[0]              # 1 was never used: dropped
+    accepted, session = store.put("s", frame(2), token)    # arrives late: older than the one held
+    assert not accepted and session.frame.id == 3
+    store.authorize_run("s", "prompt-a")
+    store.authorize_run("s", "prompt-b")
     taken, _ = store.take("s", "prompt-a")
     assert taken.id == 3
     store.take("s", "prompt-b")                     # the same frame again is one use
-    assert store.put("s", frame(4))[0]              # 3 was used: not dropped
-    assert session.counters() == {"received": 4, "used": 1, "dropped": 2, "sent": 0}
+    assert store.put("s", frame(4), token)[0]       # 3 was used: not dropped
+    assert session.counters() == {"received": 4, "used": 1, "dropped": 2, "sent": 0, "outputs_dropped": 0}
     assert store.reserve_frame_id("s") == 5
 
 
@@ -137,34 +145,35 @@ def test_frame_ids_are_handed_out_on_arrival_so_the_later_of_two_pushes_wins():
     tickets = store.begin_decode("s"), store.begin_decode("s")
     earlier, later = store.reserve_frame_id("s", tickets[0]), store.reserve_frame_id("s", tickets[1])
     assert (earlier, later) == (1, 2)
-    assert store.put("s", frame(later))[0]
+    token = opened(store, "s", later)
     store.end_decode("s", tickets[1])
-    accepted, session = store.put("s", frame(earlier))
+    accepted, session = store.put("s", frame(earlier), token)
     store.end_decode("s", tickets[0])
     assert not accepted and session.frame.id == later
     assert store.reserve_frame_id("s") == 3
 
 
-def test_a_prompt_waits_for_frames_that_arrived_before_it_not_for_later_ones():
+def test_a_run_waits_for_frames_that_arrived_before_it_not_for_later_ones():
     """take() waits for a frame still decoding when it was called, and not for one that arrived after:
     with frames arriving continuously it would otherwise wait its whole timeout every time."""
     import threading
     store = SessionStore()
-    store.put("s", frame(1))
+    token = opened(store)
+    store.authorize_run("s", "p")
     decoding = store.begin_decode("s")                  # frame 2 arrived and decodes
     result = {}
 
-    def prompt():
+    def run():
         start = time.monotonic()
         result["frame"] = store.take("s", "p", wait=10.0)[0].id
         result["seconds"] = time.monotonic() - start
 
-    reader = threading.Thread(target=prompt)
+    reader = threading.Thread(target=run)
     reader.start()
     time.sleep(0.2)
     assert reader.is_alive()                             # it waits for frame 2
-    store.begin_decode("s")                              # frame 3 arrives after the prompt asked, and never ends
-    store.put("s", frame(2))
+    store.begin_decode("s")                              # frame 3 arrives after the run asked, and never ends
+    store.put("s", frame(2), token)
     store.end_decode("s", decoding)
     reader.join(5.0)
     assert not reader.is_alive() and result["frame"] == 2
@@ -178,10 +187,10 @@ def test_reserved_ids_of_refused_frames_are_forgotten():
         store.reserve_frame_id(f"s{i}", ticket)
         store.end_decode(f"s{i}", ticket)
     assert len(store) == 0 and not store._decoding and store.reserve_frame_id("s7") == 1
-    store.attach("s1", "tab", token := object())
+    store.attach("s1", "tab", connection := object())
     ticket = store.begin_decode("s1")
     assert store.reserve_frame_id("s1", ticket) == 1 and store.reserve_frame_id("s1") == 2
-    assert store.detach("s1", token) and store.reserve_frame_id("s1") == 1
+    assert store.detach("s1", connection) and store.reserve_frame_id("s1") == 1
 
 
 def test_no_frame_yet_names_the_session():
@@ -190,38 +199,77 @@ def test_no_frame_yet_names_the_session():
         store.take("cam")
     assert e.value.status == 404
     store.attach("cam", "client", object())
+    store.authorize_run("cam", "p")
     with pytest.raises(SessionError, match="'cam' has no frame: no frame has arrived yet"):
-        store.take("cam")
+        store.take("cam", "p")
+
+
+def test_only_the_sessions_runs_read_its_frames_and_an_ended_sessions_runs_stop_as_interrupted():
+    store = SessionStore()
+    token = opened(store)
+    store.authorize_run("s", "mine")
+    assert store.run_started("s", "mine") is not None and store.take("s", "mine")[0].id == 1
+    assert store.run_started("s", "theirs") is None        # its fingerprint: NaN, never a cached frame
+    with pytest.raises(SessionError, match="not a run of live session 's'") as e:
+        store.take("s", "theirs")
+    assert e.value.status == 403
+    with pytest.raises(SessionError, match="not a run of live session 's'"):
+        store.output_session("s", "theirs")
+    assert store.output_session("s", "mine").id == "s" and store.output_session("none-open", "x") is None
+    assert store.close("s", token)
+    with pytest.raises(RunEnded):                          # picked up as its session ended: interrupted
+        store.take("s", "mine")
+    with pytest.raises(RunEnded):
+        store.output_session("s", "mine")
+
+
+def test_an_open_session_needs_its_token():
+    store = SessionStore()
+    token = opened(store)
+    for wrong in (None, "", "guess", token[:-1]):
+        with pytest.raises(SessionError, match="belongs to another client") as e:
+            store.put("s", frame(2), wrong)
+        assert e.value.status == 403
+        with pytest.raises(SessionError, match="belongs to another client"):
+            store.close("s", wrong)
+        with pytest.raises(SessionError, match="belongs to another client"):
+            store.attach("s", "tab", object(), token=wrong)      # taking over a session fed over HTTP
+    assert store.get("s").received == 1                  # refused frames are not counted
+    assert "client_id" not in store.get("s").status() and "token" not in store.get("s").status()
+    session = store.attach("s", "tab", object(), token=token)
+    assert session.token != token                        # a new owner: a new secret
+    with pytest.raises(SessionError, match="belongs to another client"):
+        store.put("s", frame(2), token)
 
 
 def test_one_client_attaches_at_a_time_and_a_new_run_starts_fresh():
     store = SessionStore()
     first, second = object(), object()
-    store.attach("s", "tab-1", first)
-    store.put("s", frame(1), "tab-1")
-    first_run = store.newest_frame_key("s")[0]
-    store.put("s", frame(9), "tab-1")
+    token = store.attach("s", "tab-1", first).token
+    store.put("s", frame(1), token)
+    first_run = store.get("s").run
+    store.put("s", frame(9), token)
     with pytest.raises(SessionError, match="already live in another tab") as e:
         store.attach("s", "tab-2", second)
     assert e.value.status == 409
-    with pytest.raises(SessionError, match="live in another client's connection"):
-        store.put("s", frame(10), "tab-2")                   # over HTTP, as another client
-    assert store.put("s", frame(10), "tab-1")[0]
+    assert store.put("s", frame(10), token)[0]
     assert not store.detach("s", second)                     # not the owner: nothing happens
     assert store.get("s").attached is first
     assert store.detach("s", first) and store.get("s") is None      # the session ends with its connection
     session = store.attach("s", "tab-2", second)
     assert session.client_id == "tab-2" and session.frame is None and store.reserve_frame_id("s") == 1
-    store.put("s", frame(1), "tab-2")
-    assert store.newest_frame_key("s")[1] == 1
-    assert store.newest_frame_key("s") != (first_run, 1)       # frame 1 of this run is not frame 1 of the last
+    assert session.token != token
+    store.put("s", frame(1), session.token)
+    store.authorize_run("s", "p")
+    assert store.run_started("s", "p")[1] == 1
+    assert store.run_started("s", "p") != (first_run, 1)       # frame 1 of this run is not frame 1 of the last
 
 
 def test_a_refused_frame_opens_no_session():
     store = SessionStore()
     store.attach("s", "tab-1", object())
     with pytest.raises(SessionError):
-        store.put("s", frame(1), "tab-2")
+        store.put("s", frame(1), "not-the-token")
     with pytest.raises(SessionError):
         store.put("bad name", frame(1))
     assert len(store) == 1 and store.get("other") is None
@@ -231,27 +279,28 @@ def test_sessions_are_bounded_and_idle_ones_expire():
     now = [0.0]
     store = SessionStore(Limits(max_sessions=2, idle_seconds=10), clock=lambda: now[0])
     store.put("a", frame(1))
-    store.attach("b", "tab", object())
-    store.put("b", frame(1), "tab")
+    token = store.attach("b", "tab", object()).token
+    store.put("b", frame(1), token)
     with pytest.raises(SessionError, match="already 2 live sessions, the limit") as e:
         store.put("c", frame(1))
     assert e.value.status == 503
     now[0] = 11.0                                  # 'a' idle for 11 s; 'b' is attached, so it stays
     store.put("c", frame(1))
     assert store.get("a") is None and store.get("b") is not None and len(store) == 2
-    assert store.close("c") and not store.close("c")
+    assert store.close("c", store.get("c").token) and not store.close("c")
 
 
 @pytest.mark.parametrize("open_session", [True, False])
-def test_a_session_keeps_the_history_of_its_last_prompts_only(open_session):
+def test_a_session_keeps_the_history_of_its_last_runs_only(open_session):
     store = SessionStore()
     if open_session:
         store.put("s", frame(1))
-    expired = [store.note_prompt("s", f"p{i}") for i in range(KEPT_PROMPTS + 3)]
+        expired = [store.authorize_run("s", f"p{i}") for i in range(KEPT_PROMPTS + 3)]
+    else:
+        expired = [store.note_prompt("s", f"p{i}") for i in range(KEPT_PROMPTS + 3)]
     assert expired[:KEPT_PROMPTS] == [[]] * KEPT_PROMPTS
     assert expired[KEPT_PROMPTS:] == [["p0"], ["p1"], ["p2"]]
     assert store.note_prompt("s", f"p{KEPT_PROMPTS + 2}") == []     # seen already
-    assert store.prompt_started("s", "p2") is None and store.prompt_started("s", "p3") is not None
     assert (store.get("s") is not None) == open_session               # noting a prompt opens no session
 
 
@@ -275,3 +324,68 @@ def test_output_messages_are_comfyuis_type_4():
     assert protocol.unpack_image_with_metadata(message) == ({"prompt_id": "p", "image_type": "image/jpeg"}, b"JPEG")
     with pytest.raises(protocol.ProtocolError, match="type 1"):
         protocol.unpack_image_with_metadata(struct.pack(">II", 1, 1) + b"x")
+
+
+# --- the loop's graph and its output sender -------------------------------------------------------
+
+def test_values_change_only_widgets_of_the_sessions_graph():
+    from comfy_turbo.live.graphs import GraphError, apply_values, check_live_graph
+    graph = {"1": {"class_type": "TurboLiveInput", "inputs": {"session": "s", "width": 0}},
+             "2": {"class_type": "KSampler", "inputs": {"seed": 1, "model": ["1", 0]}},
+             "3": {"class_type": "TurboLiveOutput", "inputs": {"images": ["2", 0], "session": "s"}}}
+    assert check_live_graph(graph, "s") is True
+    assert check_live_graph({k: v for k, v in graph.items() if k != "1"}, "s") is False     # txt2img: no frames
+    changed, count = apply_values(graph, {"2": {"seed": 7}, "1": {"width": 0}})
+    assert count == 1 and changed["2"]["inputs"]["seed"] == 7 and graph["2"]["inputs"]["seed"] == 1   # a copy
+    for values, message in [({"2": {"model": 3}}, "is a link"), ({"2": {"seed": ["1", 0]}}, "looks like a link"),
+                            ({"9": {"seed": 1}}, "no node '9'"), ({"1": {"session": "t"}}, "cannot change"),
+                            ([], "values must be"), ({"2": {f"x{i}": i for i in range(300)}}, "at most")]:
+        with pytest.raises(GraphError, match=message):
+            apply_values(graph, values)
+    for prompt, message in [(graph | {"3": {"class_type": "TurboLiveOutput", "inputs": {"session": "t"}}}, "uses live session 't'"),
+                            ({"1": graph["1"]}, "no Turbo Live Output"), ({}, "API format"), ({"1": 5}, "API format")]:
+        with pytest.raises(GraphError, match=message):
+            check_live_graph(prompt, "s")
+
+
+def test_the_output_sender_keeps_order_and_the_newest_pictures_win():
+    import threading
+    from comfy_turbo.live.sender import Output, OutputSender
+    sender, sent, dropped, gate = OutputSender(max_waiting=2), [], [], threading.Event()
+
+    def output(session, n):
+        def send():
+            gate.wait(5)
+            sent.append((session, n))
+        return Output(session, send, lambda: dropped.append((session, n)))
+
+    sender.submit(output("a", 0))                  # taken at once; it blocks on the gate
+    deadline = time.monotonic() + 5
+    while sender.waiting() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for n in range(1, 6):
+        sender.submit(output("a", n))
+    sender.submit(output("b", 1))                  # another session's picture is not dropped for a's
+    assert sender.waiting("a") == 2 and sender.waiting("b") == 1
+    gate.set()
+    while sender.waiting() and time.monotonic() < deadline + 5:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert sent == [("a", 0), ("a", 4), ("a", 5), ("b", 1)]
+    assert dropped == [("a", 1), ("a", 2), ("a", 3)]
+
+
+def test_a_run_reads_the_frame_its_fingerprint_named():
+    """A frame that arrives between a run's start (its fingerprint, the cache key) and its Turbo Live Input
+    executing is left for the next run: the run's pixels always match its cache key."""
+    store = SessionStore()
+    token = opened(store)
+    store.authorize_run("s", "run-1")
+    assert store.run_started("s", "run-1")[1] == 1
+    assert store.put("s", frame(2), token)[0]
+    assert store.take("s", "run-1")[0].id == 1
+    session = store.get("s")
+    assert (session.used, session.dropped, session.frame_used) == (1, 0, False)     # frame 2 waits for a run
+    store.authorize_run("s", "run-2")
+    assert store.run_started("s", "run-2")[1] == 2 and store.take("s", "run-2")[0].id == 2
+    assert (session.used, session.frame_used) == (2, True)

@@ -372,7 +372,7 @@ def test_comfyui_reads_our_pyproject_as_we_mean_it():
 
 
 # ComfyUI's own top-level modules a node may use (its core nodes module and server included), and torch.
-COMFYUI_MODULES = {"folder_paths", "latent_preview", "node_helpers", "nodes", "server", "protocol"}
+COMFYUI_MODULES = {"folder_paths", "latent_preview", "node_helpers", "nodes", "server", "protocol", "execution"}
 # Packages ComfyUI itself requires (its requirements.txt name -> import name), which the live routes use.
 COMFYUI_REQUIREMENTS = {"numpy": "numpy", "Pillow": "PIL", "aiohttp": "aiohttp"}
 
