@@ -35,8 +35,13 @@ def stats(page) -> dict:
 
 def wait_stats(page, condition: str, timeout: float = 240.0) -> dict:
     """Wait until `condition` (JS, on the panel's stats `s`) holds."""
-    page.page.wait_for_function(f"() => {{ const s = window.__turboLive.stats(); return {condition}; }}",
-                                timeout=timeout * 1000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.page.wait_for_function(f"() => {{ const s = window.__turboLive.stats(); return {condition}; }}",
+                                    timeout=timeout * 1000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"after {timeout:.0f} s, still not {condition}: {stats(page)}, "
+                             f"message {role(page, 'message').inner_text()!r}") from None
     return stats(page)
 
 
@@ -66,6 +71,15 @@ def paint_stroke(page, start: tuple[float, float], end: tuple[float, float]) -> 
     mouse.up()
 
 
+def prompt_posts(page) -> list[str]:
+    """The URLs of every POST /prompt the page makes from now on. The panel makes none: the server queues
+    the session's runs (protocol 2)."""
+    posts: list[str] = []
+    page.page.on("request", lambda r: posts.append(r.url)
+                 if r.method == "POST" and r.url.split("?")[0].rstrip("/").endswith("/prompt") else None)
+    return posts
+
+
 def live_source(api: dict) -> str:
     inputs = [n for n in api.values() if n["class_type"] == "TurboLiveInput"]
     return inputs[0]["inputs"]["source"] if inputs else "prompt"
@@ -78,6 +92,7 @@ def run_live_workflow(page, name: str, api: dict) -> None:
     panel.wait_for(state="visible")                     # the panel opens with a live graph
     source = live_source(api)
     assert role(page, "source").input_value() == source
+    posts = prompt_posts(page)
     role(page, "toggle").click()
     if source == "webcam":
         # Chromium's fake camera: frames flow, and the panel shows a frame rate above 0.
@@ -99,19 +114,24 @@ def run_live_workflow(page, name: str, api: dict) -> None:
         prompt_box.press("End")
         prompt_box.press_sequentially(", at night", delay=40)         # 10 keystrokes while a frame runs
         final_text = prompt_box.input_value()
-        # Once the loop is idle (nothing running, no edit waiting), the picture shown is the final text's.
+        # Once the loop is idle (no run in flight, no edit waiting) the picture shown is the newest run's, and
+        # that run holds the final text (the server keeps the session's last runs in ComfyUI's history).
         after = wait_stats(page, f"s.promptId !== {first['promptId']!r} && s.submitted > {before['submitted']} "
-                                 "&& !s.inFlight && !s.editWaiting")
+                                 "&& s.promptId === s.lastRun && !s.inFlight && !s.editWaiting")
         shown = page.host.history(after["promptId"])["prompt"][2]
         assert [n["inputs"]["text"] for n in shown.values() if "text" in n["inputs"]] == [final_text]
-        # Edits made while a frame ran folded into few prompts.
-        assert after["submitted"] - before["submitted"] < 10, (before, after)
+        # The edits went as values, not as the graph again, and those made while a run executed folded into
+        # few runs (the server replaces a waiting run with the newer values).
+        assert after["graphs"] == 1 and after["sets"] > before["sets"], (before, after)
+        assert after["ran"] - before["ran"] < 10, (before, after)
         text_widget = page.evaluate("() => app.graph.nodes.find(n => n.type === 'TurboTextEncode')"
                                     ".widgets.find(w => w.name === 'text').value")
         assert text_widget == final_text
         assert output_fingerprint(page) != picture
     assert page.evaluate(f"() => document.querySelector('{PANEL} [data-role=output]').naturalWidth") == TEST_SIZE
     assert role(page, "message").inner_text() == ""
+    assert posts == [], posts
+    assert stats(page)["objectUrls"] <= 2
     page.evaluate("() => new Promise(r => { app.graph.setDirtyCanvas(true, true); requestAnimationFrame(() => r()); })")
 
 

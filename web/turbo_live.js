@@ -1,24 +1,32 @@
-// Turbo Live: the web UI's live loop for graphs that hold a Turbo Live Output node.
+// Turbo Live: the web UI's live panel for graphs that hold a Turbo Live Output node (protocol 2).
 //
-// Press Live and the panel streams an input into the graph and shows each output as it arrives:
-//   - webcam (getUserMedia) or a paint canvas, as JPEG frames on the pack's websocket
-//     (/comfy-turbo/live/<session>/ws), newest frame wins;
-//   - prompt-as-you-type: any edit to the graph (the panel's prompt box, a widget, a LoRA strength)
-//     re-queues it, and edits made while a frame runs fold into one follow-up.
-// Scheduling: one prompt on the server at a time, the newest input waiting in the tab, an fps cap,
-// and StreamDiffusion's stochastic similarity filter for camera frames. Output frames come back on
-// ComfyUI's own websocket as binary message type 4 (JPEG/WebP + metadata), never through disk.
+// Press Live and the panel hands the graph to its session on the pack's websocket
+// (/comfy-turbo/live/<session>/ws); from then on the SERVER queues the runs, whenever the input changes:
+//   - webcam (getUserMedia) or a paint canvas, as JPEG frames on that websocket, newest frame wins;
+//   - prompt-as-you-type: an edit of a widget value (the panel's prompt box, a seed, a LoRA strength)
+//     goes as {"type": "set"} with the changed values, any other edit of the graph as the graph again.
+// The panel never queues a prompt itself. It keeps one frame at most waiting for a run, captured just
+// before the running run should end, with an fps cap and StreamDiffusion's stochastic similarity filter
+// for camera frames. Output frames come back on ComfyUI's own websocket as binary message type 4
+// (JPEG/WebP + metadata), never through disk; the runs' progress and errors come there too.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const ROUTE = "/comfy-turbo/live";
+const PROTOCOL = 2;
 const OUTPUT_NODE = "TurboLiveOutput";
 const INPUT_NODE = "TurboLiveInput";
 const TEXT_NODES = ["TurboTextEncode", "CLIPTextEncode"];
 const PREVIEW_IMAGE_WITH_METADATA = 4;
-const MAX_SKIPS_IN_A_ROW = 10;            // StreamDiffusion's SimilarImageFilter default
+const MAX_SKIPS_IN_A_ROW = 10;         // StreamDiffusion's SimilarImageFilter default
 const LATENCY_WINDOW = 120;            // latency percentiles over the last 120 frames
 const FPS_WINDOW_MS = 5000;            // fps over the frames of the last 5 seconds
+const STALL_MS = 3000;                 // a frame untaken (or a run unfinished) this long, at least, is looked into
+const ANSWER_MS = 30000;               // a graph / set unanswered this long is given up on
+const KEPT_RUNS = 64;                  // run records kept, to tell the session's runs on ComfyUI's socket
+const EARLY_MS = 5000;                 // how long a ComfyUI message about a prompt not known yet is kept
+const RUN_EVENTS = new Set(["execution_start", "executing", "execution_success", "execution_error",
+  "execution_interrupted"]);
 
 // --- pure helpers (exported for tests) ------------------------------------------------------
 
@@ -61,6 +69,42 @@ export function unpackImageWithMetadata(buffer) {
   const length = view.getUint32(4);
   const metadata = JSON.parse(new TextDecoder().decode(buffer.slice(8, 8 + length)));
   return { metadata, blob: new Blob([buffer.slice(8 + length)], { type: metadata.image_type || "image/jpeg" }) };
+}
+
+/** Whether an API-prompt input holds a link ([node id, output index]) rather than a value. */
+export function isLink(value) {
+  return Array.isArray(value) && value.length === 2 && typeof value[0] === "string" && Number.isInteger(value[1]);
+}
+
+/** How API prompt `after` differs from `before`: {kind: "same"}, {kind: "set", values: {node id: {input:
+ * value}}} when only values of the same nodes' inputs changed, or {kind: "graph"} for anything else (nodes,
+ * class types, links, the set of inputs). Titles (_meta) do not count. */
+export function promptChange(before, after) {
+  if (!before || Object.keys(before).length !== Object.keys(after).length) return { kind: "graph" };
+  const values = {};
+  for (const [id, node] of Object.entries(after)) {
+    const old = before[id], inputs = node.inputs ?? {}, oldInputs = old?.inputs ?? {};
+    if (!old || old.class_type !== node.class_type) return { kind: "graph" };
+    if (Object.keys(inputs).length !== Object.keys(oldInputs).length) return { kind: "graph" };
+    for (const [name, value] of Object.entries(inputs)) {
+      if (!Object.hasOwn(oldInputs, name)) return { kind: "graph" };
+      if (JSON.stringify(value) === JSON.stringify(oldInputs[name])) continue;
+      if (isLink(value) || isLink(oldInputs[name])) return { kind: "graph" };
+      (values[id] ??= {})[name] = value;
+    }
+  }
+  return Object.keys(values).length ? { kind: "set", values } : { kind: "same" };
+}
+
+/** The message area's text for a refused graph or set: ComfyUI's validation error and each node's errors. */
+export function refusalText(reply) {
+  const what = reply.request === "set" ? "values" : "graph", error = reply.error;
+  const head = error?.message
+    ? `ComfyUI refused the ${what}: ${error.message}${error.details ? ` (${error.details})` : ""}`
+    : String(reply.message ?? `status ${reply.status}`).replace(/^comfy-turbo live: /, "");
+  const details = Object.entries(reply.node_errors ?? {}).flatMap(([id, node]) => (node.errors ?? []).map(
+    (e) => `${node.class_type ?? "node"} #${id}: ${e.message}${e.details ? `: ${e.details}` : ""}`));
+  return [head, ...details].join("\n");
 }
 
 // --- the graph --------------------------------------------------------------------------------
@@ -127,38 +171,54 @@ class TurboLive {
   constructor() {
     this.running = false;
     this.panel = null;
+    this.objectUrls = new Set();    // object URLs made for the output picture and not revoked yet
+    this.shownUrl = null;           // the picture shown
+    this.loadingUrl = null;         // the picture loading, to be shown next
     this.reset();
   }
 
   reset() {
-    this.inFlight = null;           // prompt id on the server
+    this.token = null;              // the session's secret, from "attached"
+    // The graph: what the server holds, what was sent and not answered yet, what it refused.
+    this.acked = null;              // the API prompt of the session's graph on the server
+    this.ackedKey = null;
+    this.refusedKey = null;         // a prompt whose values were refused: not sent again
+    this.request = null;            // {kind, prompt, key, editedAt, sentAt}: the graph / set sent, no answer yet
+    this.syncing = false;
+    this.editedAt = null;           // first edit not yet sent
+    this.edits = 0;                 // edits counted, to tell those made while the graph was being read
+    this.refusalShown = false;
+    this.graphs = 0;                // graph messages sent
+    this.sets = 0;                  // set messages sent
+    // The session's runs, from the server's "run" messages; ComfyUI's socket tells how each goes.
+    this.runs = new Map();          // prompt id -> {notedAt, startedAt, endedAt, superseded}
+    this.early = new Map();         // prompt id -> ComfyUI messages that came before its "run" message
+    this.executing = null;          // the run of ours executing now
+    this.lastRun = null;            // the newest run's prompt id
     this.promptInputTime = new Map();
-    this.promptFrame = new Map();
-    this.lastPromptKey = null;
-    this.lastSubmitAt = 0;
-    this.editedAt = null;           // first edit not yet in a submitted prompt
-    this.edits = 0;                 // edits counted, to tell those made while a prompt was being queued
+    this.expectedMs = 0;            // how long a run takes, start to end (moving average)
+    this.lastEndedAt = -Infinity;      // when the last run of ours ended
+    this.checkedQueueAt = -Infinity;
+    // Frames.
     this.frameId = 0;               // the newest frame sent
     this.captured = new Map();      // frame id -> capture time
-    this.newestAcked = 0;
-    this.consumed = 0;              // every frame up to this one was used, overtaken or refused
-    this.promptsWithOutput = new Set();
+    this.waiting = null;            // {id, sentAt}: the frame sent and not taken by a run yet
     this.encoding = false;
+    this.leadMs = 5;                // how long a frame takes from capture to the server, decoded (moving average)
+    this.lastSent = null;           // downsampled pixels of the last frame sent
+    this.lastCaptureAt = -Infinity;
+    this.paintDirty = true;
+    this.stale = 0;                 // frames given up on, untaken
+    // Stats.
     this.shown = [];                // times frames were shown
     this.latencies = [];
     this.serverFrames = null;
     this.skipped = 0;
     this.skipsInARow = 0;
     this.clientDropped = 0;
-    this.lastSent = null;           // downsampled pixels of the last frame sent
-    this.lastCaptureAt = -Infinity;
-    this.submittedAt = 0;
-    this.expectedMs = 0;            // how long a prompt takes, queue to done (moving average)
-    this.leadMs = 5;                // how long a frame takes to reach the server, decoded (moving average)
-    this.paintDirty = true;
     this.outputs = 0;
-    this.submitted = 0;
-    this.held = [];                 // ComfyUI messages that arrived while a prompt was being queued
+    this.submitted = 0;             // runs the server queued for us
+    this.ran = 0;                   // of those, the ones that started
     this.lastMetadata = null;
   }
 
@@ -216,6 +276,9 @@ class TurboLive {
       }
       this.noteEdit();
     });
+    // The picture shown keeps its object URL until the next one has loaded (see display()).
+    u.output.addEventListener("load", () => this.outputSettled(true));
+    u.output.addEventListener("error", () => this.outputSettled(false));
     this.setUpPaint();
     return this.panel;
   }
@@ -249,8 +312,7 @@ class TurboLive {
       ctx.moveTo(...from);
       ctx.lineTo(...to);
       ctx.stroke();
-      this.paintDirty = true;
-      this.noteEdit();
+      this.painted();
     };
     canvas.addEventListener("pointerdown", (e) => { canvas.setPointerCapture(e.pointerId); last = point(e); stroke(last, last); });
     canvas.addEventListener("pointermove", (e) => { if (last) { const p = point(e); stroke(last, p); last = p; } });
@@ -260,8 +322,7 @@ class TurboLive {
     this.ui.clear.addEventListener("click", () => {
       ctx.fillStyle = "#fff";
       ctx.fillRect(0, 0, canvas.width, canvas.height);
-      this.paintDirty = true;
-      this.noteEdit();
+      this.painted();
     });
   }
 
@@ -341,7 +402,7 @@ class TurboLive {
     }
     this.bindComfySocket();
     this.ui.state.textContent = "live";
-    this.tick();
+    this.tick();                    // hands the graph over, and sends the first frame
   }
 
   stop(message) {
@@ -381,15 +442,17 @@ class TurboLive {
       let attached = false, refusal = null;
       socket.onmessage = (event) => {
         const reply = JSON.parse(event.data);
-        if (reply.type === "attached") { attached = true; this.socket = socket; resolve(); }
-        else if (reply.type === "frame") this.onAck(reply);
-        else if (reply.type === "error") {
-          if (!attached) refusal = reply.message;
-          else {
-            this.say(reply.message);
-            if (reply.frame_id != null) this.consumed = Math.max(this.consumed, reply.frame_id);
-          }
-        }
+        if (attached) this.onLiveMessage(reply);
+        else if (reply.type === "attached" && reply.protocol !== PROTOCOL) {
+          refusal = `The server speaks Turbo Live protocol ${reply.protocol}, this page ${PROTOCOL}: restart ComfyUI ` +
+            "after updating comfy-turbo, and reload the page.";
+          socket.close();
+        } else if (reply.type === "attached") {
+          attached = true;
+          this.token = reply.token;
+          this.socket = socket;
+          resolve();
+        } else if (reply.type === "error") refusal = reply.message;
       };
       socket.onclose = (event) => {
         if (!attached) reject(new Error(refusal ?? `The live connection was refused (code ${event.code}).`));
@@ -398,11 +461,248 @@ class TurboLive {
     });
   }
 
-  // ComfyUI's own websocket: prompt status, and our output frames (binary type 4).
+  // ComfyUI's own websocket: how the session's runs go, and our output frames (binary type 4).
   bindComfySocket() {
     if (this.comfySocket === api.socket) return;
     this.comfySocket = api.socket;
     api.socket?.addEventListener("message", (event) => this.onComfyMessage(event));
+  }
+
+  // -- the live websocket ----------------------------------------------------------------------
+  onLiveMessage(reply) {
+    if (!this.running) return;
+    if (reply.type === "frame") this.onAck(reply);
+    else if (reply.type === "run") this.noteRun(reply.prompt_id);
+    else if (reply.type === "taken") this.onTaken(reply);
+    else if (reply.type === "graph" || reply.type === "set") this.onAccepted(reply);
+    else if (reply.type === "error") this.onRefusal(reply);
+  }
+
+  onAccepted(reply) {
+    const request = this.request;
+    this.request = null;
+    if (request) Object.assign(this, { acked: request.prompt, ackedKey: request.key, refusedKey: null });
+    if (this.refusalShown) { this.say(""); this.refusalShown = false; }
+    if (reply.prompt_id) {
+      this.noteRun(reply.prompt_id);
+      if (request?.editedAt != null) this.promptInputTime.set(reply.prompt_id, request.editedAt);
+    }
+    this.syncGraph();               // edits made meanwhile go now
+  }
+
+  onRefusal(reply) {
+    if (reply.request === "graph") {
+      this.stop(`${refusalText(reply)}\nLive stopped.`);
+    } else if (reply.request === "set") {
+      // The server keeps its last good graph; these values are not sent again until they change.
+      this.refusedKey = this.request?.key ?? null;
+      this.request = null;
+      this.say(`${refusalText(reply)}\nLive goes on with the last values ComfyUI accepted.`);
+      this.refusalShown = true;
+      this.syncGraph();
+    } else {
+      this.say(String(reply.message ?? reply.status).replace(/^comfy-turbo live: /, ""));
+      if (reply.frame_id != null) this.frameConsumed(reply.frame_id);
+    }
+  }
+
+  onAck(reply) {
+    const capturedAt = this.captured.get(reply.frame_id);
+    if (capturedAt != null) this.leadMs = 0.8 * this.leadMs + 0.2 * 1.5 * (performance.now() - capturedAt);
+    if (!reply.accepted) this.frameConsumed(reply.frame_id);    // overtaken on the server
+    if (reply.frames) this.serverFrames = reply.frames;
+  }
+
+  onTaken(reply) {
+    this.noteRun(reply.prompt_id);
+    const run = this.runs.get(reply.prompt_id);
+    if (run) this.runStarted(run);
+    this.frameConsumed(reply.frame_id);
+  }
+
+  frameConsumed(frameId) {
+    if (this.waiting && frameId >= this.waiting.id) {
+      this.waiting = null;
+      this.capture();
+    }
+  }
+
+  // -- the session's runs ----------------------------------------------------------------------
+  noteRun(promptId) {
+    if (!promptId || this.runs.has(promptId)) return;
+    const now = performance.now();
+    // One run of a session waits at most: one not started by now was replaced (or it started, and ComfyUI's
+    // socket has not told yet: its first message there brings it back).
+    for (const run of this.runs.values()) {
+      if (run.startedAt == null && run.endedAt == null) Object.assign(run, { endedAt: now, superseded: true });
+    }
+    this.runs.set(promptId, { notedAt: now, startedAt: null, endedAt: null, superseded: false });
+    while (this.runs.size > KEPT_RUNS) this.runs.delete(this.runs.keys().next().value);
+    this.submitted++;
+    this.lastRun = promptId;
+    const early = this.early.get(promptId) ?? [];
+    this.early.delete(promptId);
+    for (const message of early) this.onRunMessage(message);
+  }
+
+  runStarted(run) {
+    if (run.superseded) Object.assign(run, { superseded: false, endedAt: null });
+    if (run.startedAt != null || run.endedAt != null) return;
+    run.startedAt = performance.now();
+    this.ran++;
+    this.executing = run;
+    // The next frame is captured to reach the server, decoded, just before this run ends.
+    clearTimeout(this.presend);
+    this.presend = setTimeout(() => this.capture(), Math.max(0, this.expectedMs - this.leadMs));
+  }
+
+  runEnded(run, measured = true) {
+    if (run.endedAt != null && !run.superseded) return;
+    const now = performance.now();
+    Object.assign(run, { endedAt: now, superseded: false });
+    if (measured && run.startedAt != null) {
+      const took = now - run.startedAt;
+      this.expectedMs = this.expectedMs ? 0.8 * this.expectedMs + 0.2 * took : took;
+    }
+    if (this.executing === run) this.executing = null;
+    this.lastEndedAt = now;
+    this.capture();                 // no run executes: a frame now, if one is wanted
+  }
+
+  inFlight() {
+    for (const run of this.runs.values()) if (run.endedAt == null) return true;
+    return false;
+  }
+
+  onComfyMessage(event) {
+    if (!this.running) return;
+    if (event.data instanceof ArrayBuffer) {
+      const frame = unpackImageWithMetadata(event.data);
+      if (frame?.metadata?.turbo_live?.session === this.graph?.session) this.display(frame);
+      return;
+    }
+    let message;
+    try { message = JSON.parse(event.data); } catch { return; }
+    const data = message.data ?? {};
+    if (message.type === "status" && data.status?.exec_info?.queue_remaining === 0) this.queueEmpty();
+    if (!RUN_EVENTS.has(message.type) || !data.prompt_id) return;
+    if (this.runs.has(data.prompt_id)) { this.onRunMessage(message); return; }
+    // The two sockets race: a run's first messages here may come before its "run" message.
+    const now = performance.now();
+    for (const [id, held] of this.early) if (now - held[0].at > EARLY_MS) this.early.delete(id);
+    if (!this.early.has(data.prompt_id)) this.early.set(data.prompt_id, []);
+    this.early.get(data.prompt_id).push({ ...message, at: now });
+  }
+
+  onRunMessage(message) {
+    const data = message.data ?? {}, run = this.runs.get(data.prompt_id);
+    if (!run || !this.running) return;
+    if (message.type === "execution_error") {
+      this.stop(`${data.node_type}: ${data.exception_message}\nLive stopped.`);
+    } else if (message.type === "execution_interrupted") {
+      this.stop("The prompt was interrupted (Cancel): Live stopped.");
+    } else if (message.type === "execution_success" || (message.type === "executing" && data.node == null)) {
+      this.runStarted(run);         // (a run taken for replaced did run)
+      this.runEnded(run);
+    } else {
+      this.runStarted(run);
+    }
+  }
+
+  // Nothing is queued or running in ComfyUI: no run of ours is in flight (but one the server has just
+  // queued may have been announced before this status was sent).
+  queueEmpty() {
+    const now = performance.now();
+    for (const run of this.runs.values()) {
+      if (run.endedAt == null && now - run.notedAt > 1000) this.runEnded(run, false);
+    }
+  }
+
+  // Runs that left ComfyUI's queue unrun (someone cleared it) send nothing: ask the queue.
+  async checkQueue() {
+    const asked = performance.now();
+    if (this.checkingQueue || asked - this.checkedQueueAt < STALL_MS) return;
+    this.checkingQueue = true;
+    try {
+      const queue = await (await api.fetchApi("/queue")).json();
+      const queued = new Set([...queue.queue_running ?? [], ...queue.queue_pending ?? []].map((item) => item[1]));
+      for (const [id, run] of this.runs) {
+        if (run.endedAt == null && run.notedAt < asked && !queued.has(id)) this.runEnded(run, false);
+      }
+    } catch {
+      // the next stall asks again; a server that went away stops Live by itself
+    } finally {
+      this.checkingQueue = false;
+      this.checkedQueueAt = performance.now();
+    }
+  }
+
+  // The panel never waits forever: a frame no run takes counts as consumed, so a fresh one goes (the
+  // server recovers a run that vanished by itself), and a run that never ends is looked for in the queue.
+  watchdog(now) {
+    if (this.request && now - this.request.sentAt > ANSWER_MS) {
+      if (this.request.kind === "graph") {
+        this.stop("The server did not answer the graph. Live stopped.");
+        return;
+      }
+      this.say("The server did not answer the new values; they go again when they change.");
+      Object.assign(this, { refusedKey: this.request.key, request: null, refusalShown: true });
+    }
+    // A frame waits legitimately while a run of ours executes (the next run takes it): count from its end.
+    const stall = Math.max(STALL_MS, 4 * (this.expectedMs + this.leadMs));
+    const idle = !this.executing || this.executing.endedAt != null;
+    if (this.waiting && idle && now - Math.max(this.waiting.sentAt, this.lastEndedAt) > stall) {
+      this.waiting = null;
+      this.stale++;
+      this.checkQueue();
+    }
+    for (const run of this.runs.values()) {
+      if (run.endedAt == null && now - (run.startedAt ?? run.notedAt) > stall) { this.checkQueue(); break; }
+    }
+  }
+
+  // -- edits -----------------------------------------------------------------------------------
+  noteEdit() {
+    if (!this.running) return;
+    this.edits++;
+    this.editedAt ??= performance.now();
+    this.syncGraph();
+  }
+
+  painted() {
+    this.paintDirty = true;
+    if (this.running) this.capture();
+  }
+
+  // The graph as it is now against what the server holds: nothing, the changed values, or the graph. One
+  // request waits for its answer at a time; edits made meanwhile go with the next.
+  async syncGraph() {
+    if (!this.running || !this.socket || this.request || this.syncing) return;
+    this.syncing = true;
+    const edits = this.edits;
+    // Edits made from here on may not be in the prompt read: they stay waiting for the next sync.
+    const settle = () => { this.editedAt = this.edits === edits ? null : performance.now(); };
+    try {
+      this.syncWithGraph();
+      const { output } = await app.graphToPrompt();
+      if (!this.running || !this.socket || this.request) return;
+      const key = JSON.stringify(output);
+      if (key === this.ackedKey || key === this.refusedKey) { settle(); return; }
+      const change = promptChange(this.acked, output);
+      if (change.kind === "same") { Object.assign(this, { acked: output, ackedKey: key }); settle(); return; }
+      this.request = { kind: change.kind, prompt: output, key, editedAt: this.editedAt ?? performance.now(),
+        sentAt: performance.now() };
+      settle();
+      if (change.kind === "set") this.sets++;
+      else this.graphs++;
+      this.socket.send(JSON.stringify(change.kind === "set" ? { type: "set", values: change.values }
+        : { type: "graph", prompt: output }));
+    } catch (error) {
+      this.stop(`Could not turn the graph into a prompt (${error?.message ?? error}). Live stopped.`);
+    } finally {
+      this.syncing = false;
+      if (this.edits !== edits) setTimeout(() => this.syncGraph(), 0);     // an edit came while reading
+    }
   }
 
   // -- the loop ------------------------------------------------------------------------------
@@ -415,30 +715,21 @@ class TurboLive {
     clearTimeout(this.timer);
     this.bindComfySocket();
     this.timer = setTimeout(() => this.tick(), 1000 / this.fpsCap());
+    this.watchdog(performance.now());
+    this.syncGraph();
     this.capture();
-    this.maybeSubmit();
     this.render();
   }
 
-  // A frame was sent that no prompt has taken yet (nor will the running one).
-  frameWaiting() {
-    return this.frameId > (this.inFlight ? (this.promptFrame.get(this.inFlight) ?? 0) : this.consumed);
-  }
-
-  // Frames are captured when the loop will use them: at once when no prompt runs, else shortly before the
-  // running one should end (its expected time less the time a frame takes to reach the server, decoded), so
-  // the next prompt starts on a fresh frame that is already there. One frame waits at most: none is
+  // Frames are captured when a run will use them: at once when none of ours executes, else shortly before
+  // the running one should end (its expected time less the time a frame takes to reach the server, decoded),
+  // so the next run starts on a fresh frame that is already there. One frame waits at most: none is
   // encoded, sent and decoded only to be dropped.
   wantsFrame(now) {
-    if (this.source === "prompt" || this.encoding || !this.socket || this.frameWaiting()) return false;
+    if (this.source === "prompt" || this.encoding || !this.socket || this.waiting) return false;
     if (now - this.lastCaptureAt < 1000 / this.fpsCap()) return false;
-    return !this.inFlight || now >= this.submittedAt + this.expectedMs - this.leadMs;
-  }
-
-  noteEdit() {
-    if (!this.running) return;
-    this.edits++;
-    if (this.editedAt === null) this.editedAt = performance.now();
+    const run = this.executing;
+    return !run || run.endedAt != null || now >= run.startedAt + this.expectedMs - this.leadMs;
   }
 
   capture() {
@@ -471,11 +762,11 @@ class TurboLive {
         const frameId = ++this.frameId;
         this.captured.set(frameId, now);
         if (this.captured.size > 512) this.captured.delete(this.captured.keys().next().value);
+        this.waiting = { id: frameId, sentAt: performance.now() };
         this.socket.send(packFrame({ frame_id: frameId, format: "jpeg" }, bytes));
       } finally {
         this.encoding = false;
       }
-      if (!this.inFlight) this.maybeSubmit();       // the prompt goes with the frame: decoding overlaps it
     }, "image/jpeg", 0.9);
   }
 
@@ -498,99 +789,16 @@ class TurboLive {
     return false;
   }
 
-  onAck(reply) {
-    const sentAt = this.captured.get(reply.frame_id);
-    if (sentAt != null) this.leadMs = 0.8 * this.leadMs + 0.2 * 1.5 * (performance.now() - sentAt);
-    this.newestAcked = Math.max(this.newestAcked, reply.frame_id);
-    if (!reply.accepted) this.consumed = Math.max(this.consumed, reply.frame_id);    // overtaken on the server
-    if (reply.frames) this.serverFrames = reply.frames;
-  }
-
-  async maybeSubmit() {
-    if (!this.running || this.inFlight || this.submitting) return;
-    if (performance.now() - this.lastSubmitAt < 1000 / Math.max(1, Number(this.ui.fps.value) || 30)) return;
-    if (this.source !== "prompt" && this.newestAcked === 0) return;      // nothing for Turbo Live Input yet
-    this.submitting = true;
-    const edits = this.edits, editedAt = this.editedAt, frameId = this.frameId;
-    // Edits made from here on are not in this prompt: they stay waiting for the next one.
-    const settle = () => { this.editedAt = this.edits === edits ? null : performance.now(); };
-    try {
-      this.syncWithGraph();
-      const { output } = await app.graphToPrompt();
-      const key = JSON.stringify(output);
-      // A prompt goes as soon as its frame is sent: the server decodes the frame while it validates the
-      // prompt, and the prompt waits for the frame.
-      const frameWaiting = this.source !== "prompt" && frameId > this.consumed;
-      if (key === this.lastPromptKey && !frameWaiting) { settle(); return; }
-      const response = await api.fetchApi("/prompt", {
-        method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ client_id: api.clientId, prompt: output }) });
-      const body = await response.json().catch(() => ({}));
-      if (!response.ok) {
-        const details = Object.values(body.node_errors ?? {}).flatMap((e) => e.errors ?? [])
-          .map((e) => `${e.message}: ${e.details}`).join("\n");
-        this.stop(`ComfyUI refused the graph: ${body.error?.message ?? response.status}\n${details}\nLive stopped.`);
-        return;
-      }
-      this.inFlight = body.prompt_id;
-      this.submittedAt = performance.now();
-      clearTimeout(this.presend);
-      this.presend = setTimeout(() => this.capture(), Math.max(0, this.expectedMs - this.leadMs));
-      this.submitted++;
-      this.lastPromptKey = key;
-      this.lastSubmitAt = performance.now();
-      this.promptInputTime.set(body.prompt_id, editedAt);
-      this.promptFrame.set(body.prompt_id, frameId);
-      settle();
-    } catch (error) {
-      this.stop(`Could not reach ComfyUI to queue the graph (${error?.message ?? error}): was the server stopped? ` +
-        "Live stopped.");
-    } finally {
-      this.submitting = false;
-      // A fast (or fully cached) prompt can finish before /prompt's answer is read: its messages were held.
-      for (const event of this.held.splice(0)) this.onComfyMessage(event);
-    }
-  }
-
-  onComfyMessage(event) {
-    if (!this.running) return;
-    if (this.submitting) { this.held.push(event); return; }
-    if (event.data instanceof ArrayBuffer) {
-      const frame = unpackImageWithMetadata(event.data);
-      if (frame?.metadata?.turbo_live?.session === this.graph?.session) this.display(frame);
-      return;
-    }
-    let message;
-    try { message = JSON.parse(event.data); } catch { return; }
-    const data = message.data ?? {};
-    if (!this.inFlight || data.prompt_id !== this.inFlight) return;
-    if (message.type === "execution_error") {
-      this.stop(`${data.node_type}: ${data.exception_message}\nLive stopped.`);
-    } else if (message.type === "execution_interrupted") {
-      this.stop("The prompt was interrupted (Cancel): Live stopped.");
-    } else if (message.type === "executing" && data.node == null) {
-      if (!this.promptsWithOutput.delete(this.inFlight)) {
-        // Nothing new ran (all cached): the frames it was queued after that the server has acknowledged by
-        // now were used already; one not acknowledged yet may still come.
-        this.consumed = Math.max(this.consumed, Math.min(this.promptFrame.get(this.inFlight) ?? 0, this.newestAcked));
-      }
-      this.promptFrame.delete(this.inFlight);
-      this.inFlight = null;
-      const took = performance.now() - this.submittedAt;
-      this.expectedMs = this.expectedMs ? 0.8 * this.expectedMs + 0.2 * took : took;
-      this.capture();                    // no frame was sent ahead: capture one now
-      this.maybeSubmit();                // the waiting input goes now, not at the next tick
-    }
-  }
-
+  // -- output ----------------------------------------------------------------------------------
+  // Outputs may come faster than the <img> loads them: a picture still loading when the next comes is
+  // dropped (its URL revoked at once), so two object URLs live at most, the one shown and the one loading.
   display({ metadata, blob }) {
     const now = performance.now(), live = metadata.turbo_live;
-    const url = URL.createObjectURL(blob), img = this.ui.output, previous = img.dataset.url;
-    img.onload = () => previous && URL.revokeObjectURL(previous);
-    img.dataset.url = url;
-    img.src = url;
-    if (live.frame_id != null) this.consumed = Math.max(this.consumed, live.frame_id);
-    this.promptsWithOutput.add(metadata.prompt_id);
+    const url = URL.createObjectURL(blob), superseded = this.loadingUrl;
+    this.objectUrls.add(url);
+    this.loadingUrl = url;
+    this.ui.output.src = url;
+    if (superseded) this.revoke(superseded);
     const origins = [live.fresh_frame ? this.captured.get(live.frame_id) : null,
       this.promptInputTime.get(metadata.prompt_id)].filter((t) => t != null);
     if (origins.length) {
@@ -598,11 +806,26 @@ class TurboLive {
       if (this.latencies.length > LATENCY_WINDOW) this.latencies.shift();
     }
     this.promptInputTime.delete(metadata.prompt_id);
+    if (this.promptInputTime.size > KEPT_RUNS) this.promptInputTime.delete(this.promptInputTime.keys().next().value);
     this.shown.push(now);
     while (this.shown.length && now - this.shown[0] > FPS_WINDOW_MS) this.shown.shift();
     if (live.frames) this.serverFrames = live.frames;
     this.outputs++;
     this.lastMetadata = metadata;
+  }
+
+  outputSettled(loaded) {
+    const url = this.ui.output.src;
+    if (url !== this.loadingUrl) return;          // a load that was superseded (its URL revoked already)
+    this.loadingUrl = null;
+    if (this.shownUrl) this.revoke(this.shownUrl);
+    this.shownUrl = loaded ? url : null;
+    if (!loaded) this.revoke(url);
+  }
+
+  revoke(url) {
+    URL.revokeObjectURL(url);
+    this.objectUrls.delete(url);
   }
 
   /** Whether the web UI's own connection to ComfyUI is open (it reconnects by itself after a restart). */
@@ -614,12 +837,14 @@ class TurboLive {
     const now = performance.now(), recent = this.shown.filter((t) => now - t <= FPS_WINDOW_MS);
     const span = recent.length > 1 ? (recent.at(-1) - recent[0]) / 1000 : 0;
     return {
-      running: this.running, outputs: this.outputs, submitted: this.submitted, inFlight: !!this.inFlight,
-      editWaiting: this.editedAt !== null,
+      running: this.running, outputs: this.outputs, submitted: this.submitted, ran: this.ran, inFlight: this.inFlight(),
+      editWaiting: this.editedAt !== null || this.request !== null,
       fps: span > 0 ? (recent.length - 1) / span : 0,
       p50: percentile(this.latencies, 50), p95: percentile(this.latencies, 95),
-      dropped: (this.serverFrames?.dropped ?? 0) + this.clientDropped, skipped: this.skipped,
+      dropped: (this.serverFrames?.dropped ?? 0) + this.clientDropped, skipped: this.skipped, stale: this.stale,
       frameId: this.lastMetadata?.turbo_live?.frame_id ?? null, promptId: this.lastMetadata?.prompt_id ?? null,
+      lastRun: this.lastRun, frameWaiting: this.waiting !== null, graphs: this.graphs, sets: this.sets,
+      objectUrls: this.objectUrls.size,
     };
   }
 
