@@ -22,7 +22,8 @@ def check_live_graph(prompt, session_id: str) -> bool:
     """Refuse a graph that is not a session's: not an API prompt, no Turbo Live Output, or live nodes on
     another session. Returns whether it reads frames (has a Turbo Live Input)."""
     if not isinstance(prompt, dict) or not prompt or not all(
-            isinstance(node, dict) and isinstance(node.get("class_type"), str) for node in prompt.values()):
+            isinstance(node, dict) and isinstance(node.get("class_type"), str)
+            and isinstance(node.get("inputs", {}), dict) for node in prompt.values()):
         raise GraphError("the graph must be ComfyUI's API format: {node id: {\"class_type\": ..., \"inputs\": {...}}} "
                          "(the 'output' of app.graphToPrompt(), or a workflow saved with Export (API)).")
     live_nodes = {node_id: node for node_id, node in prompt.items() if node["class_type"] in LIVE_NODE_TYPES}
@@ -53,6 +54,8 @@ def apply_values(prompt: dict, values) -> tuple[dict, int]:
             raise GraphError(f"there is no node {str(node_id)[:40]!r} in the session's graph; send the graph again "
                              "if it changed.")
         node_inputs = node.setdefault("inputs", {})
+        if not isinstance(node_inputs, dict):
+            raise GraphError(f"node {node_id} has no inputs dict; send the graph again.")
         for name, value in inputs.items():
             if is_link(node_inputs.get(name)):
                 raise GraphError(f"input {str(name)[:60]!r} of node {node_id} ({node['class_type']}) is a link, not a "

@@ -57,6 +57,8 @@ async def validate(prompt: dict, session_id: str, extra_data: dict | None = None
     import execution
     needs_frames = check_live_graph(prompt, session_id)
     prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        node.pop("is_changed", None)          # fingerprints are ComfyUI's to compute, never a client's
     server = _server()
     replacements = getattr(server, "node_replace_manager", None)     # ComfyUI 0.33: node replacements
     if replacements is not None:
@@ -102,12 +104,15 @@ def _queue(store: SessionStore, session: Session, reason: str) -> str:
     number = server.number
     server.number += 1
     graph = session.graph
-    extra_data = {**graph.extra_data, "client_id": session.client_id, "create_time": int(time.time() * 1000)}
+    extra_data = {**graph.extra_data, "create_time": int(time.time() * 1000)}
     # A fresh copy each run: ComfyUI writes each node's fingerprint into the prompt it executes.
     prompt = copy.deepcopy(graph.prompt)
     expired = store.authorize_run(session.id, prompt_id, session.graph_version)
     session.last_run = prompt_id
-    server.prompt_queue.put((number, prompt_id, prompt, extra_data, list(graph.outputs), {}))
+    # The client id goes with the queue item's sensitive part, which the worker merges back into extra_data
+    # and /queue and /history never show: with it, anyone could take over the client's /ws and its pictures.
+    server.prompt_queue.put((number, prompt_id, prompt, extra_data, list(graph.outputs),
+                             {"client_id": session.client_id}))
     for old in expired:                      # the history keeps the session's last few runs
         server.prompt_queue.delete_history_item(old)
     session.tell({"type": "run", "prompt_id": prompt_id, "reason": reason})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 import json
 import logging
 import time
@@ -189,7 +190,19 @@ def _graph_error_body(error: GraphError, request: str) -> dict:
 
 async def _command(session_id: str, command: dict) -> dict:
     """A graph hand-over, a change of values, or a status request (the live websocket's text messages and
-    the HTTP routes alike); the answer."""
+    the HTTP routes alike); the answer. Nothing a client sends ends its session: an unexpected failure is
+    answered as an error too."""
+    try:
+        return await _run_command(session_id, command)
+    except Exception as e:          # a malformed graph ComfyUI's validation trips on, say
+        logging.exception("comfy-turbo live: a %s command of session %s failed", command.get("type"), session_id)
+        return _error_body(FrameError(f"the server could not handle this {str(command.get('type'))[:20]} message "
+                                      f"({type(e).__name__}: {str(e)[:200]}); check it against docs/live.md.",
+                                      status=400), request=command.get("type") if command.get("type") in
+                           ("graph", "set", "status") else None)
+
+
+async def _run_command(session_id: str, command: dict) -> dict:
     kind = command.get("type")
     try:
         if kind == "graph":
@@ -457,18 +470,36 @@ def stop_runs(run_ids: list[str]) -> tuple[int, bool]:
 
 
 def authorize_prompt(json_data: dict) -> dict:
-    """ComfyUI's on-prompt hook: a prompt posted with a session's token (extra_data.turbo_live_token) becomes
-    one of that session's runs; the token is taken out before ComfyUI stores the prompt."""
-    extra = json_data.get("extra_data") if isinstance(json_data, dict) else None
-    token = extra.pop(TOKEN_EXTRA_DATA, None) if isinstance(extra, dict) else None
-    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
-    if token is None or not isinstance(prompt, dict):
+    """ComfyUI's on-prompt hook, for every POST /prompt that names a live session in a Turbo Live node:
+
+    * a client-chosen ``prompt_id`` that is (or was) a session's run is dropped, so nobody can pass for a
+      run by reusing its id (ComfyUI mints a fresh one);
+    * node fingerprints (``is_changed``, which ComfyUI writes into the prompts it runs and /history shows)
+      are removed, so nobody can forge a run's frame key to read its frame out of ComfyUI's cache;
+    * with a session's token (``extra_data.turbo_live_token``) the prompt becomes one of that session's
+      runs; the token is taken out before ComfyUI stores the prompt.
+    """
+    if not isinstance(json_data, dict):
         return json_data
-    sessions = {(node.get("inputs") or {}).get("session") for node in prompt.values()
+    extra = json_data.get("extra_data")
+    token = extra.pop(TOKEN_EXTRA_DATA, None) if isinstance(extra, dict) else None
+    prompt = json_data.get("prompt")
+    if not isinstance(prompt, dict):
+        return json_data
+    sessions = {(node.get("inputs") or {}).get("session") if isinstance(node.get("inputs"), dict) else None
+                for node in prompt.values()
                 if isinstance(node, dict) and node.get("class_type") in LIVE_NODE_TYPES}
+    if not sessions:
+        return json_data
+    for node in prompt.values():
+        if isinstance(node, dict):
+            node.pop("is_changed", None)
+    if STORE.knows_run(json_data.get("prompt_id")):
+        json_data.pop("prompt_id", None)
     for session_id in sessions:
         session = STORE.get(session_id) if isinstance(session_id, str) else None
-        if session is None or not isinstance(token, str) or token != session.token:
+        if session is None or not isinstance(token, str) or \
+                not secrets.compare_digest(token.encode(), session.token.encode()):
             continue
         if json_data.get("prompt_id") is None:
             json_data["prompt_id"] = str(uuid.uuid4())

@@ -412,10 +412,9 @@ class SessionStore:
                 session = self._run_of(session_id, prompt_id)
             except (SessionError, RunEnded):
                 return None
-            if prompt_id not in session.started:
-                _bounded_add(session.started, prompt_id, time.perf_counter())
-                session.served_version = max(session.served_version, session.runs[prompt_id])
+            # A frame still decoding counts as waiting for this run (so it queues no other), then the run begins.
             self._wait_for_decodes(session_id, DECODE_WAIT)
+            self._mark_started(session, prompt_id)
             frame = session.pinned.get(prompt_id) or session.frame
             if frame is None:
                 return None
@@ -427,6 +426,19 @@ class SessionStore:
                 session.frame_used = True
             return session.run, frame.id
 
+    @staticmethod
+    def _mark_started(session: Session, prompt_id: str) -> None:
+        if prompt_id not in session.started:
+            _bounded_add(session.started, prompt_id, time.perf_counter())
+            session.served_version = max(session.served_version, session.runs[prompt_id])
+
+    def knows_run(self, prompt_id) -> bool:
+        """Whether ``prompt_id`` is (or was) a run of any session: a new prompt may not reuse it."""
+        if not isinstance(prompt_id, str):
+            return False
+        with self._lock:
+            return prompt_id in self._ended_runs or any(prompt_id in s.runs for s in self._sessions.values())
+
     def run_started_at(self, session: Session, prompt_id: str | None) -> float | None:
         with self._lock:
             return session.started.get(prompt_id)
@@ -436,6 +448,7 @@ class SessionStore:
         the session when there is no frame, or when the prompt is not one of the session's runs."""
         with self._lock:
             session = self._run_of(session_id, prompt_id)
+            self._mark_started(session, prompt_id)        # (without ComfyUI's cache no fingerprint is asked)
             frame = session.pinned.pop(prompt_id, None)
             if frame is None:
                 self._wait_for_decodes(session_id, wait)
@@ -459,8 +472,11 @@ class SessionStore:
         with self._lock:
             if prompt_id is not None and prompt_id in self._ended_runs:
                 raise RunEnded(prompt_id)
-            session = self._sessions.get(session_id)
-            return None if session is None else self._run_of(session_id, prompt_id)
+            if self._sessions.get(session_id) is None:
+                return None
+            session = self._run_of(session_id, prompt_id)
+            self._mark_started(session, prompt_id)
+            return session
 
     def run_ended(self, prompt_id: str | None) -> bool:
         with self._lock:

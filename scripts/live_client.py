@@ -597,8 +597,16 @@ class ServerLoop:
                 return
 
     def settled(self) -> bool:
-        """Nothing left to do: every command answered, every frame consumed, no run in flight."""
-        return self._answers_due == 0 and not self._frame_waiting() and self.in_flight is None
+        """Nothing left to do: every command answered, every frame consumed, no run in flight, and the newest
+        run's picture here if it made one (pictures are sent after their run ends, off the worker thread)."""
+        return self._answers_due == 0 and not self._frame_waiting() and self.in_flight is None \
+            and not self._picture_due()
+
+    def _picture_due(self) -> bool:
+        run = self.prompts[-1] if self.prompts else None
+        outputs = {node_id for node_id, node in self.prompt.items() if node.get("class_type") == "TurboLiveOutput"}
+        ran_output = any(node in outputs for node, _ in self.executed.get(run, []))
+        return ran_output and not any(o.prompt_id == run for o in self.outputs[-4:])
 
     def drain(self, timeout: float = 60.0) -> None:
         """Stop the camera, and pump until the server has run every input."""
