@@ -29,6 +29,7 @@ class Limits:
     max_sessions: int = 8
     idle_seconds: float = 120.0
     heartbeat_seconds: float = 10.0            # a live websocket silent this long is pinged; no pong: it closes
+    freeze_gc: int = 1                         # 0: leave ComfyUI's collections alone while sessions are open (live.heap)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "Limits":

@@ -37,6 +37,7 @@ from . import frames, protocol, runs
 from .frames import FrameError
 from .gc_clock import GC_CLOCK
 from .graphs import LIVE_NODE_TYPES, GraphError
+from .heap import FrozenHeap
 from .sessions import Frame, SessionError, SessionStore, check_session_id
 
 PROTOCOL_VERSION = 2
@@ -44,7 +45,8 @@ ROUTE = "/comfy-turbo/live"
 TOKEN_HEADER = "X-Turbo-Live-Token"
 TOKEN_EXTRA_DATA = "turbo_live_token"
 MAX_COMMAND_BYTES = 8 * 1024 * 1024         # a text message (a graph) on the live websocket
-STORE = SessionStore(frames.Limits.from_env())
+_LIMITS = frames.Limits.from_env()
+STORE = SessionStore(_LIMITS, heap=FrozenHeap() if _LIMITS.freeze_gc else None)
 _registered: list = []
 _recovery: list = []
 
@@ -256,7 +258,8 @@ def _http_command(kind: str):
 
 async def live_status(request: web.Request) -> web.Response:
     return web.json_response({"protocol": PROTOCOL_VERSION, "limits": STORE.limits.as_dict(),
-                              "sessions": len(STORE), "formats": list(frames.FORMATS)})
+                              "sessions": len(STORE), "formats": list(frames.FORMATS),
+                              "gc_frozen": STORE.heap is not None and STORE.heap.frozen})
 
 
 async def session_status(request: web.Request) -> web.Response:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frames import FrameError, Limits
+from .heap import FrozenHeap
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KEPT_PROMPTS = 8          # history entries a session keeps of its prompts (the rest are deleted)
@@ -164,7 +165,7 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, limits: Limits | None = None, clock=time.monotonic):
+    def __init__(self, limits: Limits | None = None, clock=time.monotonic, heap: FrozenHeap | None = None):
         self.limits = limits or Limits()
         self._clock = clock
         self._lock = threading.RLock()
@@ -174,6 +175,7 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._other_prompts = PromptLog()      # live prompts of sessions that are not open
         self._ended_runs: OrderedDict = OrderedDict()   # run prompt ids of sessions that ended
+        self.heap = heap                        # frozen out of the collector while a session is open (live.heap)
 
     @property
     def lock(self) -> threading.RLock:
@@ -192,6 +194,8 @@ class SessionStore:
         if session is not None:
             for run in session.runs:
                 _bounded_add(self._ended_runs, run, limit=4 * KEPT_RUN_IDS)
+            if self.heap is not None:
+                self.heap.release(session_id)
         self._forget_reserved_ids(session_id)
         return session
 
@@ -206,6 +210,8 @@ class SessionStore:
                     f"(COMFY_TURBO_LIVE_MAX_SESSIONS={self.limits.max_sessions}). Stop one, or wait "
                     f"{self.limits.idle_seconds:.0f} s for an idle one to expire.", status=503)
             session = self._sessions[session_id] = Session(session_id)
+            if self.heap is not None:
+                self.heap.hold(session_id)
         session.last_seen = self._clock()
         return session
 

@@ -240,6 +240,8 @@ def _sender(client_id, metadata, timings, pixels, fmt, quality, state, use, star
         if state is not None:
             state.sent += 1
             live["frames"] = state.counters()
+            if state.sent == 1 and live_server.STORE.heap is not None:   # its models are loaded now: freeze them too
+                live_server.STORE.heap.refreeze()
         live_server.send_frame(client_id, metadata, data)
     return send
 

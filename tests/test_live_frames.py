@@ -389,3 +389,55 @@ def test_a_run_reads_the_frame_its_fingerprint_named():
     store.authorize_run("s", "run-2")
     assert store.run_started("s", "run-2")[1] == 2 and store.take("s", "run-2")[0].id == 2
     assert (session.used, session.frame_used) == (2, True)
+
+
+def test_an_open_session_freezes_the_heap_until_the_last_one_ends():
+    """ComfyUI's gc.collect() between prompts walks only what was made since a session opened (live.heap)."""
+    import gc
+    import weakref
+
+    from comfy_turbo.live.heap import FrozenHeap
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    clock = [0.0]
+    store = SessionStore(Limits(idle_seconds=10), clock=lambda: clock[0], heap=FrozenHeap())
+    before = Node()
+    before.me = before                                   # a cycle that exists when the first session opens
+    made_before = weakref.ref(before)
+    try:
+        store.put("a", frame(1))
+        del before                                       # ... and becomes garbage while frozen
+        assert store.heap.frozen and gc.get_freeze_count() > 0
+        during = Node()
+        during.me = during                               # a cycle made while live is still collected
+        made_during = weakref.ref(during)
+        del during
+        gc.collect()
+        assert made_during() is None and made_before() is not None
+        store.put("b", frame(1))
+        store.heap.refreeze()
+        assert store.close("a", store.get("a").token) and store.heap.frozen     # "b" is still open
+        clock[0] = 11.0                                  # "b" expires: the last one
+        assert len(store) == 0 and not store.heap.frozen and gc.get_freeze_count() == 0
+        gc.collect()
+        assert made_before() is None                     # frozen cycles are collected once unfrozen
+    finally:
+        gc.unfreeze()
+
+
+def test_a_heap_frozen_by_someone_else_is_left_to_them():
+    import gc
+
+    from comfy_turbo.live.heap import FrozenHeap
+
+    gc.freeze()
+    try:
+        heap = FrozenHeap()
+        heap.hold("a")
+        heap.release("a")
+        assert not heap.frozen and gc.get_freeze_count() > 0           # not ours to unfreeze
+    finally:
+        gc.unfreeze()

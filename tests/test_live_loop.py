@@ -105,6 +105,22 @@ def test_an_unchanged_input_queues_nothing(host, echo):
     assert loop.refusals == []
 
 
+def test_the_heap_is_frozen_out_of_comfyuis_collections_while_a_session_is_open(host):
+    """live.heap: ComfyUI's gc.collect() between prompts walks only what a live session made, not the ~400k
+    objects of torch and ComfyUI; the server hands them back to the collector when the last session ends."""
+    client = LiveClient(host.url, new_session()).connect()
+    loop = ServerLoop(client, passthrough(client.session))
+    try:
+        loop.push_frame(encode(id_frame(1, 64)))
+        wait_for(loop, lambda: loop.outputs and loop.settled())
+        assert host.get_json("/comfy-turbo/live")["gc_frozen"] is True
+    finally:
+        client.close()
+    wait_until_gone(host, client.session)
+    status = host.get_json("/comfy-turbo/live")
+    assert status["gc_frozen"] is (status["sessions"] > 0)       # other tests' HTTP sessions may linger
+
+
 def test_a_graph_that_is_not_the_sessions_is_refused(host, echo):
     loop = echo
     for prompt, message in [(passthrough("someone-else"), "uses live session 'someone-else'"),
