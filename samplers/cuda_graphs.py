@@ -118,6 +118,13 @@ class GraphCache:
         self.refused: dict = {}
         self.stats: Counter = Counter()
 
+    def clear(self) -> None:
+        """Drop every graph (their static buffers and outputs; the memory pool goes with the backend's last
+        graph). Calls warm up and capture again."""
+        self.graphs.clear()
+        self.warmed.clear()
+        self.stats["cleared"] += 1
+
     def __call__(self, fn: Callable[..., torch.Tensor], weight_pointers: Callable[[], tuple], args: tuple,
                  kwargs: dict, extra_key: Hashable = ()) -> torch.Tensor:
         """``fn(*args, **kwargs)``, from a graph when one can be used.

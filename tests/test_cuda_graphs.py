@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 
 import pytest
 import torch
@@ -54,21 +55,29 @@ def sample(pack, model, cond, steps=2, seed=7):
 
 
 class EmulatedGraphs:
-    """``torch.cuda.CUDAGraph`` semantics on the CPU, for GraphCache's ``backend``."""
+    """``torch.cuda.CUDAGraph`` semantics on the CPU, for GraphCache's ``backend``.
 
-    def __init__(self, weight_pointers=None):
+    A real graph replays the kernels it recorded, on the weights and modules of its capture: replaying
+    after the weights moved (``weight_pointers``) or after a module was swapped (``modules``: the ids of
+    the model's submodules) raises here, where a real graph would silently compute with stale state."""
+
+    def __init__(self, weight_pointers=None, modules=None):
         self.weight_pointers = weight_pointers
+        self.modules = modules
         self.captured = 0
 
     def capture(self, run, device=None):
         output = run()
         self.captured += 1
         return {"run": run, "output": output,
-                "pointers": self.weight_pointers() if self.weight_pointers else None}, output
+                "pointers": self.weight_pointers() if self.weight_pointers else None,
+                "modules": self.modules() if self.modules else None}, output
 
     def replay(self, graph):
         if self.weight_pointers is not None and self.weight_pointers() != graph["pointers"]:
             raise AssertionError("replayed a graph whose weights have moved: a real graph would read stale memory")
+        if self.modules is not None and self.modules() != graph["modules"]:
+            raise AssertionError("replayed a graph whose modules were swapped: a real graph would run the old ones")
         with torch.inference_mode(graph["output"].is_inference()):
             graph["output"].copy_(graph["run"]())
 
@@ -136,12 +145,21 @@ def test_graph_cache_keeps_at_most_capacity_graphs(pack):
 
 # -- stable weight storage -------------------------------------------------------------------------
 
+OTHER_CPU = torch.device("cpu", 1)   # an offload device distinct from the load device: moves copy the weights
+META = torch.device("meta")          # one that keeps no data: what is left behind shows
+
+
 @pytest.mark.parametrize("name", [SD_TURBO, SDXL_TURBO])
 def test_lora_changes_keep_every_weight_in_place_on_the_fast_path(pack, model_files, name):
     fast_ckpt, plain_ckpt = load(pack, model_files, name), load(pack, model_files, name)
     cond = pack.prompt_cache.encode(fast_ckpt.clip, "a photo of a cat")
+    # On this CPU-only machine the offload device would equal the load device; "cpu:1" is distinct (a move
+    # there gives every weight new storage). ComfyUI re-patches a LoRA change by moving the model to its
+    # offload device and back; the fast path keeps that device and re-patches in place instead.
+    fast_ckpt.model.offload_device = OTHER_CPU
     fast = pack.fastpath.apply_fast_path(fast_ckpt.model)
-    assert fast.weight_inplace_update and fast.offload_device == fast.load_device
+    assert isinstance(fast, pack.fastpath.FastPathPatcher) and fast.weight_inplace_update
+    assert fast.offload_device == OTHER_CPU, "the fast path must keep the real offload device"
     pointers = pack.fastpath.WeightPointers(fast_ckpt.model.model)
     plain_pointers = pack.fastpath.WeightPointers(plain_ckpt.model.model)
 
@@ -160,6 +178,74 @@ def test_lora_changes_keep_every_weight_in_place_on_the_fast_path(pack, model_fi
     assert plain_moved, "the plain path also kept its pointers: this test would not see a moved weight"
 
 
+# -- ComfyUI's unloads ----------------------------------------------------------------------------
+
+def test_comfyuis_unload_moves_the_fast_paths_weights_off_and_drops_its_state(comfy, pack, model_files):
+    import comfy.model_management as mm
+    ckpt = load(pack, model_files, SD_TURBO)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    ckpt.model.offload_device = META
+    base = ckpt.model.model
+    backend = EmulatedGraphs(pack.fastpath.WeightPointers(base))
+    fast = pack.fastpath.apply_fast_path(ckpt.model, cuda_graphs=True, graph_backend=backend)
+    assert fast.offload_device == META, "the fast path must keep the real offload device"
+    state = pack.fastpath.fast_path_state(fast)
+    sample(pack, fast, cond)                                            # warm-up, capture, replay
+    assert state.holds_graphs() and backend.captured == 1
+    mm.unload_all_models()                                              # what /free {"unload_models": true} runs
+    assert state.empty() and list(state.drops) == ["ComfyUI unloaded the model"]
+    assert all(t.is_meta for t in base.state_dict().values()), "a weight stayed on the load device"
+    assert not any(m.model is not None and m.model.model is base for m in mm.current_loaded_models)
+
+
+def test_after_an_unload_the_next_run_gives_the_same_image_with_new_graphs(comfy, pack, model_files):
+    import comfy.model_management as mm
+    ckpt = load(pack, model_files, SD_TURBO)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    ckpt.model.offload_device = OTHER_CPU
+    base = ckpt.model.model
+    pointers = pack.fastpath.WeightPointers(base)
+    backend = EmulatedGraphs(pointers)
+    fast = pack.fastpath.apply_fast_path(ckpt.model, cuda_graphs=True, graph_backend=backend)
+    state = pack.fastpath.fast_path_state(fast)
+    lora = lora_for(model_files, SD_TURBO, fast, 0.8)
+    before = sample(pack, lora, cond)
+    loaded = list(base.state_dict().values())       # held, so no new weight can reuse their addresses
+    with torch.inference_mode():     # as inside ComfyUI's executor, when a bigger model's load unloads this one
+        mm.unload_all_models()       # (on a GPU the reload makes inference tensors again; cpu:1 -> cpu cannot)
+    assert state.empty() and not set(pointers()) & {t.data_ptr() for t in loaded}, "a weight kept its storage"
+    del loaded
+    after = sample(pack, lora, cond)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    stats = state.graph_cache(backend).stats
+    assert stats["warmups"] == 1 and stats["captures"] == 1 and backend.captured == 2     # captured afresh
+
+
+def test_a_nested_object_patch_runs_without_a_graph(comfy, pack, model_files, caplog):
+    """The graph key holds the UNet and model_sampling modules, not what an object patch swaps below them."""
+    ckpt = load(pack, model_files, SD_TURBO)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    base = ckpt.model.model
+    backend = EmulatedGraphs(pack.fastpath.WeightPointers(base), modules=lambda: [id(m) for m in base.modules()])
+    graphed = pack.fastpath.apply_fast_path(ckpt.model, cuda_graphs=True, graph_backend=backend)
+    sample(pack, graphed, cond)
+    assert backend.captured == 1
+    out = base.diffusion_model.out[2]
+    louder = torch.nn.Conv2d(out.in_channels, out.out_channels, out.kernel_size, padding=out.padding)
+    with torch.no_grad():
+        louder.weight.copy_(out.weight * 2)
+        louder.bias.copy_(out.bias * 2)
+    patched = graphed.clone()
+    patched.add_object_patch("diffusion_model.out.2", louder)
+    eager = pack.fastpath.apply_fast_path(ckpt.model).clone()
+    eager.add_object_patch("diffusion_model.out.2", louder)
+    with caplog.at_level(logging.WARNING, logger="comfy_turbo"):
+        ours = sample(pack, patched, cond)
+    assert "object patches a graph cannot follow (['diffusion_model.out.2'])" in caplog.text
+    torch.testing.assert_close(ours, sample(pack, eager, cond), rtol=0, atol=1e-6)
+    assert rel_change(ours, sample(pack, graphed, cond)) > 0.01, "the object patch did not apply"
+
+
 # -- ComfyUI 0.33's dynamic VRAM -------------------------------------------------------------------
 
 def test_loader_registers_reload_factories_and_fast_path_opts_out_of_dynamic_vram(pack, model_files):
@@ -175,11 +261,32 @@ def test_loader_registers_reload_factories_and_fast_path_opts_out_of_dynamic_vra
     assert fresh.model.model_type == ckpt.model.model.model_type       # epsilon forced again
 
     if "disable_dynamic" in inspect.signature(comfy.model_patcher.ModelPatcher.clone).parameters:   # 0.33
-        ckpt.model.is_dynamic = lambda: True       # what a dynamic-VRAM patcher reports; --cpu never makes one
-        fast = pack.fastpath.apply_fast_path(ckpt.model)
+        # What a dynamic-VRAM patcher is and does (--cpu never makes one): is_dynamic, and its cached delegate.
+        def dynamic(patcher):
+            patcher.is_dynamic = lambda: True
+            patcher.non_dynamic_delegate_model = None
+            patcher.get_non_dynamic_delegate = types.MethodType(
+                comfy.model_patcher.ModelPatcherDynamic.get_non_dynamic_delegate, patcher)
+            return patcher
+
+        reloads = []
+        factory, args = ckpt.model.cached_patcher_init
+
+        def counted(*a, **kw):
+            reloads.append(a)
+            return factory(*a, **kw)
+        ckpt.model.cached_patcher_init = (counted, args)
+        fast = pack.fastpath.apply_fast_path(dynamic(ckpt.model))
         del ckpt.model.is_dynamic
-        assert type(fast) is comfy.model_patcher.ModelPatcher and not fast.is_dynamic()
+        assert type(fast) is pack.fastpath.FastPathPatcher and not fast.is_dynamic()
         assert fast.model is not ckpt.model.model, "the non-dynamic delegate is reloaded through cached_patcher_init"
+        close(sample(pack, fast, cond), sample(pack, ckpt.model, cond))
+        # A LoRA strength changed upstream: a new dynamic patcher, the same delegate while it stays loaded.
+        lora = dynamic(lora_for(model_files, SD_TURBO, ckpt.model, 0.7))
+        fast_lora = pack.fastpath.apply_fast_path(lora)
+        assert len(reloads) == 1 and fast_lora.model is fast.model, "the checkpoint was loaded from disk again"
+        del lora.is_dynamic
+        close(sample(pack, fast_lora, cond), sample(pack, lora, cond))
     else:                                          # 0.3.75: no dynamic VRAM, a plain clone
         fast = pack.fastpath.apply_fast_path(ckpt.model)
         assert fast.model is ckpt.model.model
@@ -206,7 +313,7 @@ def test_cuda_graphs_replay_through_lora_and_controlnet_changes(pack, model_file
     backend = EmulatedGraphs(pack.fastpath.WeightPointers(base))
     graphed = pack.fastpath.apply_fast_path(ckpt.model, cuda_graphs=True, graph_backend=backend)
     eager = pack.fastpath.apply_fast_path(ckpt.model)          # same weights, same kernels, no graph
-    stats = pack.fastpath.graph_cache(base, backend).stats
+    stats = pack.fastpath.fast_path_state(graphed).graph_cache(backend).stats
 
     def same(model_graphed, model_eager, c):
         torch.testing.assert_close(sample(pack, model_graphed, c), sample(pack, model_eager, c), rtol=0, atol=1e-6)
