@@ -8,8 +8,9 @@
   left alone.
 * SDXL's original VAE overflows fp16 (activations above 65504 become inf, then NaN: black images;
   the reason madebyollin/sdxl-vae-fp16-fix exists). Whatever the precision, a decode that returns a
-  non-finite pixel is redone in fp32, and this VAE is decoded in fp32 from then on. Only a latent
-  that is itself broken still fails, with an error instead of a black image.
+  non-finite pixel is redone in fp32. Each decode decides for itself, so an image never depends on
+  what the worker decoded before. Only a latent that is itself broken still fails, with an error
+  instead of a black image.
 * ``compile``: ``torch.compile`` of the decoder copy (fixed shapes, SDPA attention), as the fast path does
   for the UNet.
 """
@@ -34,7 +35,9 @@ DECODERS = ("vae", "taesd", "taesdxl")
 PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 _taesd: dict[tuple, object] = {}
+# Per VAE object, dying with it: its dtype / compiled copies, and whether its overflow was reported.
 _derived: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+log = logging.getLogger("comfy_turbo")
 
 
 def load_taesd(name: str):
@@ -73,6 +76,11 @@ def derived_vae(base, dtype: torch.dtype, compile: bool = False):
     return variants[key]
 
 
+def _runner(base, dtype: torch.dtype, compile: bool):
+    """``base`` itself where it already is what was asked for, else its private copy."""
+    return base if dtype == base.vae_dtype and not compile else derived_vae(base, dtype, compile)
+
+
 def _finite(images: torch.Tensor) -> bool:
     return bool(torch.isfinite(images).all())
 
@@ -87,17 +95,18 @@ def decode(vae, latent: dict, decoder: str = "vae", precision: str = "auto", com
     if base is None or getattr(base, "first_stage_model", None) is None:
         raise TurboError("The VAE input is empty: the checkpoint has no VAE. Connect a 'Load VAE' node.")
     samples = latent["samples"]
-    state = _derived.setdefault(base, {})
     dtype = PRECISIONS[precision] or base.vae_dtype
-    if state.get(("overflowed", dtype)):
-        dtype = torch.float32
-    runner = base if dtype == base.vae_dtype and not compile else derived_vae(base, dtype, compile)
-    images = runner.decode(samples)
+    images = _runner(base, dtype, compile).decode(samples)
     if not _finite(images) and dtype != torch.float32:
-        logging.warning("comfy-turbo: the %s decoder produced NaN/inf pixels in %s (fp16 overflow); decoding in "
-                        "fp32, and using fp32 for this VAE from now on.", decoder, str(dtype).replace("torch.", ""))
-        state[("overflowed", dtype)] = True
-        images = derived_vae(base, torch.float32, compile).decode(samples)
+        # Redo this decode only: a sticky "use fp32" flag would make the same job decode differently
+        # depending on what this VAE decoded earlier. Only the warning is remembered, once per VAE.
+        warned = _derived.setdefault(base, {})
+        if not warned.get(("overflow warned", dtype)):
+            warned[("overflow warned", dtype)] = True
+            log.warning("comfy-turbo: the %s decoder produced NaN/inf pixels in %s (fp16 overflow); each such "
+                        "decode is redone in fp32. Set precision to fp32 (or bf16) to skip the wasted pass.",
+                        decoder, str(dtype).replace("torch.", ""))
+        images = _runner(base, torch.float32, compile).decode(samples)
     if not _finite(images):
         raise TurboError("The decoded image contains NaN or inf even in fp32: the latent is broken (did the UNet "
                          "overflow in fp16? try weight_dtype bf16 or fp32 on the loader).")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import dataclass
 
@@ -29,6 +30,15 @@ TURBO_VARIANTS = {
 NATIVE_RESOLUTION = 512  # both SD-Turbo and SDXL-Turbo were distilled at 512x512
 _HAS_DYNAMIC_VRAM = "disable_dynamic" in inspect.signature(comfy.sd.load_state_dict_guess_config).parameters
 WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The keys by which an SDXL-family checkpoint declares another prediction type, in the order
+# ComfyUI's SDXL.model_type reads them (0.3.75 and 0.33 alike); no Turbo model carries one.
+DECLARED_PREDICTIONS = (
+    (("edm_mean", "edm_std"), "EDM prediction (keys edm_mean, edm_std: Playground v2.5 style)"),
+    (("edm_vpred.sigma_max",), "v-prediction EDM (key edm_vpred.sigma_max)"),
+    (("v_pred",), "v-prediction (key v_pred)"),
+)
+
+log = logging.getLogger("comfy_turbo")
 
 
 @dataclass
@@ -42,18 +52,47 @@ class TurboCheckpoint:
     height: int = NATIVE_RESOLUTION
 
 
+def _detect(state_dict: dict, metadata: dict | None = None):
+    """(UNet key prefix, ComfyUI's model config or None) for a checkpoint's state dict."""
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(state_dict)
+    return prefix, comfy.model_detection.model_config_from_unet(state_dict, prefix, metadata=metadata)
+
+
 def detect_family(state_dict: dict, metadata: dict | None = None) -> str:
     """ComfyUI's name for the model family of a checkpoint's UNet, e.g. 'SD20', 'SDXL', 'SD15', 'Flux'."""
-    prefix = comfy.model_detection.unet_prefix_from_state_dict(state_dict)
-    config = comfy.model_detection.model_config_from_unet(state_dict, prefix, metadata=metadata)
+    _, config = _detect(state_dict, metadata)
     return type(config).__name__ if config is not None else "unrecognised"
+
+
+def check_prediction(name: str, state_dict: dict, prefix: str, config) -> None:
+    """Refuse a checkpoint that ComfyUI loads as non-epsilon, except where that is SD2's guess.
+
+    SDXL-family files are v-prediction or EDM only by declaring it with a key, so forcing epsilon on
+    them would give noise. SD20's guess is a weight statistic (std of output_blocks.11.1's norm1.bias
+    > 0.09) that real SD-Turbo trips; it ignores ``v_pred`` keys, which ComfyUI writes when it saves a
+    model it guessed so (an SD-Turbo merge saved with core nodes). That one is overridden, with a warning.
+    """
+    detected = config.model_type(state_dict, prefix)       # what ComfyUI's own loader makes of it
+    if detected == comfy.model_base.ModelType.EPS:
+        return
+    if type(config).__name__ == "SD20":
+        log.warning(
+            "comfy-turbo: ComfyUI's SD2 heuristic guesses v-prediction for '%s', as it does for real SD-Turbo; "
+            "loading it as epsilon, as SD-Turbo is. If this is an SD 2.x 768-v model rather than SD-Turbo, use "
+            "the core 'Load Checkpoint' node.", name)
+        return
+    problem = next((f"declares {what}" for keys, what in DECLARED_PREDICTIONS if all(k in state_dict for k in keys)),
+                   f"is detected by ComfyUI as {detected.name}")
+    raise TurboError(
+        f"'{name}' {problem}, but SD-Turbo and SDXL-Turbo are epsilon-prediction models, so it is not a Turbo "
+        "checkpoint. Load it with the core 'Load Checkpoint' node, or pick an SD-Turbo / SDXL-Turbo file.")
 
 
 def force_epsilon(model_patcher) -> None:
     """Make a freshly loaded model epsilon-prediction with discrete (scaled-linear) sampling.
 
-    ComfyUI guesses v-prediction for SD2 checkpoints from a weight statistic, and some SDXL merges
-    carry a ``v_pred`` key; both Turbo models are epsilon models.
+    ``check_prediction`` has refused files that declare another type; what remains to override is
+    ComfyUI's SD2 v-prediction guess, which real SD-Turbo trips.
     """
     base = model_patcher.model
     if base.model_type != comfy.model_base.ModelType.EPS:
@@ -85,7 +124,8 @@ def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default") -> Turb
         sd, metadata = comfy.utils.load_torch_file(ckpt_path, safe_load=True, return_metadata=True)
     except Exception as e:
         raise TurboError(unreadable_file_message(name, ckpt_path, e)) from e
-    family = detect_family(sd, metadata)
+    prefix, config = _detect(sd, metadata)
+    family = type(config).__name__ if config is not None else "unrecognised"
     if family == "unrecognised":
         raise TurboError(
             f"'{name}' holds no diffusion model that ComfyUI recognises, so it is not an SD-Turbo or SDXL-Turbo "
@@ -96,6 +136,7 @@ def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default") -> Turb
         raise TurboError(
             f"'{name}' is a {family} checkpoint, not SD-Turbo (SD 2.1 family) or SDXL-Turbo (SDXL family). "
             "Load it with the core 'Load Checkpoint' node, or pick an SD-Turbo / SDXL-Turbo file.")
+    check_prediction(name, sd, prefix, config)
     model, clip, vae = _load_parts(sd, metadata, weight_dtype, output_clip=True, output_vae=True)
     if clip is None:
         raise TurboError(

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 NOISE_SCALES = ("diffusers", "comfy")
+SEED_RANGE = 2 ** 64  # torch generators take seeds 0 .. 2**64 - 1, the seed inputs' range
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -31,15 +32,16 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
 
 
 def seeded_noise_sampler(x: torch.Tensor, seed: Optional[int]) -> NoiseSampler:
-    """Fresh Gaussian noise per step from a generator seeded with ``seed + 1``.
+    """Fresh Gaussian noise per step from a generator seeded with ``seed + 1`` (modulo 2**64).
 
     The offset keeps the ancestral noise independent of the initial noise, which ComfyUI draws
-    from ``seed`` itself (newer ComfyUI applies the same offset on the CPU).
+    from ``seed`` itself (newer ComfyUI applies the same offset on the CPU). The largest seed,
+    2**64 - 1, wraps to 0 instead of overflowing the generator.
     """
     generator = None
     if seed is not None:
         generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(seed) + 1)
+        generator.manual_seed((int(seed) + 1) % SEED_RANGE)
     return lambda sigma, sigma_next: torch.randn(
         x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
 

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             base = workflow_module.load(args.workflow)
-            prompts = [workflow_module.apply_overrides(base, None if args.seed is None else args.seed + i,
+            prompts = [workflow_module.apply_overrides(base, None if args.seed is None else (args.seed + i) % 2**64,
                                                        args.prompt, args.width, args.height)
                        for i in range(args.count)]
         except workflow_module.WorkflowError as e:

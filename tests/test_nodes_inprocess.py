@@ -5,10 +5,14 @@ model has, and that progress, previews and Cancel reach ComfyUI's hooks.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from workflow_utils import SD_TURBO, SDXL_TURBO
+
+MAX_SEED = 0xffffffffffffffff     # the seed inputs' maximum, the largest seed a torch generator takes
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,60 @@ def test_loader_forces_epsilon_where_comfyui_guesses_v_prediction(comfy, loaded,
     assert isinstance(sampling, comfy.model_sampling.EPS)
     assert not isinstance(sampling, comfy.model_sampling.V_PREDICTION)
     assert float(sampling.sigma_max) == pytest.approx(14.6146, rel=1e-4)
+
+
+def test_sd_turbo_saved_by_core_nodes_with_their_v_pred_key_still_loads_as_epsilon(comfy, pack, model_files,
+                                                                                    tmp_path, caplog):
+    """Core Load Checkpoint guesses v-prediction for SD-Turbo, and saving that model writes a ``v_pred`` key.
+    ComfyUI's SD20 ignores the key (its heuristic decides), so the loader keeps such a file epsilon, and says so."""
+    import comfy.model_base
+    import safetensors
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(model_files[SD_TURBO]))
+    assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION     # ComfyUI's SD2 heuristic
+    path = tmp_path / "sd-turbo-resaved.safetensors"
+    comfy.sd.save_checkpoint(str(path), model, clip, vae)                        # as core CheckpointSave does
+    del model, clip, vae
+    with safetensors.safe_open(str(path), "pt") as saved:
+        assert "v_pred" in saved.keys()
+    with caplog.at_level(logging.WARNING, logger="comfy_turbo"):
+        ours = pack.loader.load_turbo_checkpoint(str(path))
+    assert (ours.variant, ours.model.model.model_type) == ("sd-turbo", comfy.model_base.ModelType.EPS)
+    assert "SD2 heuristic guesses v-prediction for 'sd-turbo-resaved.safetensors'" in caplog.text
+    assert "core 'Load Checkpoint'" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet_and_vae(model_files):
+    """The SDXL-Turbo stand-in's weights without its text encoders (1.6 GB that no refusal below reads)."""
+    import safetensors
+    with safetensors.safe_open(str(model_files[SDXL_TURBO]), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("conditioner.")}
+
+
+# extra keys -> ComfyUI's model type for them, and the start of our refusal
+DECLARED_PREDICTIONS = {
+    "v_pred": ({"v_pred": torch.tensor([])}, "V_PREDICTION", r"declares v-prediction \(key v_pred\)"),
+    "edm_vpred": ({"edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.002)},
+                  "V_PREDICTION_EDM", r"declares v-prediction EDM \(key edm_vpred.sigma_max\)"),
+    "edm": ({"edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)},
+            "EDM", r"declares EDM prediction \(keys edm_mean, edm_std"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECLARED_PREDICTIONS))
+def test_loader_refuses_an_sdxl_checkpoint_declaring_another_prediction(comfy, pack, sdxl_unet_and_vae, tmp_path,
+                                                                        case):
+    import comfy.utils
+    extra, comfy_type, refusal = DECLARED_PREDICTIONS[case]
+    sd = {**sdxl_unet_and_vae, **extra}
+    stock, *_ = comfy.sd.load_state_dict_guess_config(dict(sd), output_vae=False, output_clip=False)
+    assert stock.model.model_type.name == comfy_type                 # what core Load Checkpoint makes of it
+    del stock
+    path = tmp_path / f"sdxl-{case}.safetensors"
+    comfy.utils.save_torch_file(sd, str(path))                        # ComfyUI's own writer
+    with pytest.raises(pack.loader.TurboError, match=refusal + r".*are epsilon-prediction models, so it is not a "
+                                                               r"Turbo checkpoint. Load it with the core 'Load Checkpoint'"):
+        pack.loader.load_turbo_checkpoint(str(path))
 
 
 @pytest.mark.parametrize("dtype,expected", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
@@ -200,3 +258,24 @@ def test_bad_latents_are_refused(pack, loaded):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(pack.loader.TurboError, match="NaN"):
         pack.sampler.turbo_sample(ckpt.model, encode(ckpt), {"samples": bad}, sigmas, 0)
+
+
+def test_the_largest_seed_samples_through_the_node_and_sampler_custom(comfy, pack, loaded):
+    """2**64 - 1 is the seed input's maximum; the ancestral noise's seed + 1 wraps to 0 instead of overflowing."""
+    import comfy.sample
+    seed_input = next(i for i in pack.sampler.TurboSampler.define_schema().inputs if i.id == "seed")
+    assert seed_input.max == MAX_SEED
+    ckpt = loaded[SD_TURBO]
+    cond = encode(ckpt)
+    sigmas = pack.scheduler.turbo_model_sigmas(ckpt.model, 2)         # two steps: ancestral noise is drawn
+    run = lambda seed: pack.sampler.TurboSampler.execute(ckpt.model, cond, empty_latent(8), sigmas, seed,
+                                                         1.0).result[0]["samples"]
+    largest = run(MAX_SEED)
+    assert torch.isfinite(largest).all()
+    assert torch.equal(run(MAX_SEED), largest)                         # reproducible
+    assert not torch.allclose(run(MAX_SEED - 1), largest)              # and still a seed of its own
+    latent = torch.zeros(1, 4, 8, 8)
+    sampler = pack.sampler.TurboEulerSampler.execute(1.0, 1.0, "diffusers").result[0]
+    custom = comfy.sample.sample_custom(ckpt.model, comfy.sample.prepare_noise(latent, MAX_SEED), 1.0, sampler,
+                                        sigmas, cond, cond, latent, seed=MAX_SEED)
+    assert torch.isfinite(custom).all()

@@ -145,6 +145,12 @@ def test_ancestral_noise_is_not_the_initial_noise_stream():
     assert not torch.allclose(first, initial)
 
 
+def test_the_largest_seed_wraps_the_ancestral_noise_seed_to_zero():
+    x = torch.zeros(1, 4, 8, 8)
+    largest = s.seeded_noise_sampler(x, 2 ** 64 - 1)(1.0, 0.5)          # seed + 1 would overflow the generator
+    torch.testing.assert_close(largest, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+
+
 def test_injected_noise_sampler_and_s_noise():
     sigmas = torch.tensor([14.6146, 1.6129, 0.0])
     x = torch.randn(1, 4, 8, 8) * 14.6146
