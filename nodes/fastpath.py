@@ -126,6 +126,15 @@ def inductor_options(mode: str, device) -> dict:
     return options
 
 
+def compile_settings(mode: str, device) -> dict:
+    """What ``torch.compile`` really runs with for a compile option on ``device``: for results files."""
+    import torch._dynamo
+    return {"backend": "inductor", "mode": mode, "dynamic": False, "fullgraph": False,
+            "options": inductor_options(mode, device),
+            "inline_inbuilt_nn_modules": bool(torch._dynamo.config.inline_inbuilt_nn_modules),
+            "torch": torch.__version__}
+
+
 class WeightPointers:
     """The data pointers of every parameter and buffer of a BaseModel (UNet and model_sampling).
 
@@ -450,8 +459,9 @@ def apply_fast_path(model, attention: str = "sdpa", sdpa_backend: str = "auto", 
     if mode is not None:
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY,
                                _compile_wrapper(state, mode, m.load_device))
-        m.model_options[TORCH_COMPILE_KWARGS] = {"backend": "inductor", "mode": None, "fullgraph": False,
-                                                 "options": inductor_options(mode, m.load_device), "dynamic": False}
+        settings = compile_settings(mode, m.load_device)
+        m.model_options[TORCH_COMPILE_KWARGS] = {k: settings[k] for k in ("backend", "fullgraph", "options", "dynamic")}
+        m.model_options[TORCH_COMPILE_KWARGS]["mode"] = None      # the mode's options are in "options"
     return m
 
 
