@@ -43,18 +43,20 @@ from pathlib import Path
 import websocket  # websocket-client
 
 
-def _load_protocol():
-    """The pack's live/protocol.py (standalone: it imports nothing of the pack), loaded by its path, so that
-    no folder of the pack lands on sys.path: its nodes/ would shadow ComfyUI's own nodes module."""
-    path = Path(__file__).resolve().parent.parent / "live" / "protocol.py"
-    spec = importlib.util.spec_from_file_location("comfy_turbo_live_protocol", path)
+def _load_live(name: str):
+    """One of the pack's standalone live/ modules (protocol.py, graphs.py: they import nothing of the pack or of
+    ComfyUI), loaded by its path, so that no folder of the pack lands on sys.path: its nodes/ would shadow
+    ComfyUI's own nodes module."""
+    path = Path(__file__).resolve().parent.parent / "live" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"comfy_turbo_live_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_protocol = _load_protocol()
+_protocol = _load_live("protocol")
 pack_frame, unpack_image_with_metadata = _protocol.pack_frame, _protocol.unpack_image_with_metadata
+is_link = _load_live("graphs").is_link          # the server's own rule for what is a link
 
 LIVE_ROUTE = "/comfy-turbo/live"
 
@@ -258,8 +260,78 @@ class Output:
     latency_ms: float | None        # input (frame capture or edit) to pixels at this client
 
 
+class _Loop:
+    """What both loops share: frames out with their capture times, pictures in, per-node times, figures."""
+
+    def _start(self) -> None:
+        self._frame_id = 0                  # the newest frame sent
+        self._captured: dict[int, float] = {}
+        self._last_capture = float("-inf")
+        self._expected = 0.0                # seconds a run takes (moving average)
+        self._lead = 0.005                  # seconds a frame takes to reach the server, decoded (moving average)
+
+    def push_frame(self, data: bytes, fmt: str = "jpeg", captured_at: float | None = None, **size) -> int:
+        self._frame_id += 1
+        self._captured[self._frame_id] = captured_at or time.perf_counter()
+        if len(self._captured) > 4096:
+            self._captured.pop(next(iter(self._captured)))
+        self.client.send_frame(data, self._frame_id, fmt, **size)
+        return self._frame_id
+
+    def _closed_by(self, source: str, message) -> bool:
+        """A websocket closed (``receive`` hands over the exception or an empty message): the loop stops."""
+        if isinstance(message, Exception) or message in ("", b""):
+            self.closed = True
+            self.errors.append(f"{source} websocket closed: {message!r}")
+            return True
+        return False
+
+    def _frame_acked(self, reply: dict, at: float) -> None:
+        self.acks.append(reply)
+        if reply["frame_id"] in self._captured:
+            self._lead = 0.8 * self._lead + 0.2 * 1.5 * (at - self._captured[reply["frame_id"]])
+
+    def _picture(self, message: bytes, at: float, input_time: dict) -> Output | None:
+        """A type-4 picture message as an Output (its latency from the newer of its frame's capture and the
+        edit its run was queued for, ``input_time``: prompt id -> edit time); None for other binary messages."""
+        if len(message) < 4 or struct.unpack_from(">I", message)[0] != 4:
+            return None
+        metadata, image = unpack_image_with_metadata(message)
+        live = metadata.get("turbo_live") or {}
+        frame_id = live.get("frame_id")
+        start = self._captured.get(frame_id) if live.get("fresh_frame") else None
+        edit = input_time.get(metadata.get("prompt_id"))
+        origin = max(t for t in (start, edit) if t is not None) if (start or edit) else None
+        output = Output(metadata.get("prompt_id"), frame_id, metadata, image, at,
+                        None if origin is None else (at - origin) * 1000.0)
+        self.outputs.append(output)
+        return output
+
+    def _queue_status(self, data: dict) -> None:
+        remaining = (data.get("status") or {}).get("exec_info", {}).get("queue_remaining", 0)
+        self.max_queue_remaining = max(self.max_queue_remaining, remaining)
+
+    def _took(self, seconds: float) -> None:
+        self._expected = seconds if self._expected == 0 else 0.8 * self._expected + 0.2 * seconds
+
+    def node_seconds(self, prompt_id: str) -> dict[str, float]:
+        """Wall time per node of a prompt, from the server's 'executing' messages."""
+        steps = self.executed.get(prompt_id, [])
+        return {node: later - at for (node, at), (_, later) in zip(steps, steps[1:]) if node is not None}
+
+    def stats(self, since: float | None = None) -> dict:
+        shown = [o for o in self.outputs if since is None or o.shown_at >= since]
+        latencies = sorted(o.latency_ms for o in shown if o.latency_ms is not None)
+        span = shown[-1].shown_at - shown[0].shown_at if len(shown) > 1 else 0.0
+        last = (shown[-1].metadata.get("turbo_live") or {}).get("frames") if shown else None
+        return {"frames_shown": len(shown), "fps": (len(shown) - 1) / span if span > 0 else 0.0,
+                "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
+                "server_frames": last, "prompts": len(self.prompts),
+                "max_queue_remaining": self.max_queue_remaining}
+
+
 @dataclass
-class LiveLoop:
+class LiveLoop(_Loop):
     """The panel's scheduling: one prompt on the server at a time, the newest input waits, frames win.
 
     Frames come either from ``push_frame`` (any rate: the server keeps the newest) or from ``camera``, a
@@ -281,8 +353,7 @@ class LiveLoop:
     closed: bool = False
 
     def __post_init__(self):
-        self._frame_id = 0                  # the newest frame sent
-        self._captured: dict[int, float] = {}
+        self._start()
         self._newest_acked = 0
         self._consumed = 0                  # every frame up to this one was used, overtaken or refused
         self._prompt_outputs: set[str] = set()
@@ -290,20 +361,9 @@ class LiveLoop:
         self._prompt_input_time: dict[str, float | None] = {}
         self._prompt_frame: dict[str, int] = {}
         self._graph_dirty = True
-        self._last_capture = float("-inf")
         self._submitted_at = 0.0
-        self._expected = 0.0                # seconds a prompt takes, submit to done (moving average)
-        self._lead = 0.005                  # seconds a frame takes to reach the server, decoded (moving average)
 
     # -- inputs ------------------------------------------------------------------------------
-    def push_frame(self, data: bytes, fmt: str = "jpeg", captured_at: float | None = None, **size) -> int:
-        self._frame_id += 1
-        self._captured[self._frame_id] = captured_at or time.perf_counter()
-        if len(self._captured) > 4096:
-            self._captured.pop(next(iter(self._captured)))
-        self.client.send_frame(data, self._frame_id, fmt, **size)
-        return self._frame_id
-
     def edit(self, prompt: dict, edited_at: float | None = None) -> None:
         self.prompt = prompt
         self._graph_dirty = True
@@ -377,16 +437,12 @@ class LiveLoop:
         return soon
 
     def _handle(self, source: str, message, at: float) -> None:
-        if isinstance(message, Exception) or message in ("", b""):
-            self.closed = True
-            self.errors.append(f"{source} websocket closed: {message!r}")
+        if self._closed_by(source, message):
             return
         if source == "live":
             reply = json.loads(message)
             if reply.get("type") == "frame":
-                self.acks.append(reply)
-                if reply["frame_id"] in self._captured:
-                    self._lead = 0.8 * self._lead + 0.2 * 1.5 * (at - self._captured[reply["frame_id"]])
+                self._frame_acked(reply, at)
                 self._newest_acked = max(self._newest_acked, reply["frame_id"])
                 if not reply["accepted"]:           # overtaken by a newer frame on the server
                     self._consumed = max(self._consumed, reply["frame_id"])
@@ -396,25 +452,17 @@ class LiveLoop:
                     self._consumed = max(self._consumed, reply["frame_id"])
             return
         if isinstance(message, bytes):
-            if len(message) >= 4 and struct.unpack_from(">I", message)[0] == 4:
-                metadata, image = unpack_image_with_metadata(message)
-                live = metadata.get("turbo_live") or {}
-                frame_id = live.get("frame_id")
-                if frame_id is not None:
-                    self._consumed = max(self._consumed, frame_id)
-                self._prompt_outputs.add(metadata.get("prompt_id"))
-                start = self._captured.get(frame_id) if live.get("fresh_frame") else None
-                edit = self._prompt_input_time.get(metadata.get("prompt_id"))
-                origin = max(t for t in (start, edit) if t is not None) if (start or edit) else None
-                self.outputs.append(Output(metadata.get("prompt_id"), frame_id, metadata, image, at,
-                                           None if origin is None else (at - origin) * 1000.0))
+            output = self._picture(message, at, self._prompt_input_time)
+            if output is not None:
+                if output.frame_id is not None:
+                    self._consumed = max(self._consumed, output.frame_id)
+                self._prompt_outputs.add(output.prompt_id)
             return
         event = json.loads(message)
         data = event.get("data") or {}
         kind = event.get("type")
         if kind == "status":
-            remaining = (data.get("status") or {}).get("exec_info", {}).get("queue_remaining", 0)
-            self.max_queue_remaining = max(self.max_queue_remaining, remaining)
+            self._queue_status(data)
         elif data.get("prompt_id") == self.in_flight and self.in_flight is not None:
             if kind == "executing" and data.get("node") is not None:
                 self.executed.setdefault(self.in_flight, []).append((data["node"], at))
@@ -430,14 +478,8 @@ class LiveLoop:
                                                              self._newest_acked))
                 self._prompt_outputs.discard(self.in_flight)
                 self.executed.setdefault(self.in_flight, []).append((None, at))
-                took = at - self._submitted_at
-                self._expected = took if self._expected == 0 else 0.8 * self._expected + 0.2 * took
+                self._took(at - self._submitted_at)
                 self.in_flight = None
-
-    def node_seconds(self, prompt_id: str) -> dict[str, float]:
-        """Wall time per node of a prompt, from the server's 'executing' messages."""
-        steps = self.executed.get(prompt_id, [])
-        return {node: later - at for (node, at), (_, later) in zip(steps, steps[1:]) if node is not None}
 
     def drain(self, timeout: float = 60.0) -> None:
         """Stop the camera, and pump until the last prompt has finished and no input is waiting."""
@@ -447,17 +489,6 @@ class LiveLoop:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"the live loop did not settle within {timeout:.0f}s (in flight: {self.in_flight})")
             self.pump(0.05)
-
-    # -- figures -----------------------------------------------------------------------------
-    def stats(self, since: float | None = None) -> dict:
-        shown = [o for o in self.outputs if since is None or o.shown_at >= since]
-        latencies = sorted(o.latency_ms for o in shown if o.latency_ms is not None)
-        span = shown[-1].shown_at - shown[0].shown_at if len(shown) > 1 else 0.0
-        last = (shown[-1].metadata.get("turbo_live") or {}).get("frames") if shown else None
-        return {"frames_shown": len(shown), "fps": (len(shown) - 1) / span if span > 0 else 0.0,
-                "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
-                "server_frames": last, "prompts": len(self.prompts),
-                "max_queue_remaining": self.max_queue_remaining}
 
 
 def value_changes(old: dict, new: dict) -> dict | None:
@@ -475,7 +506,7 @@ def value_changes(old: dict, new: dict) -> dict | None:
             return None
         for name, value in inputs.items():
             was = previous[name]
-            if _is_link(value) or _is_link(was):
+            if is_link(value) or is_link(was):
                 if value != was:
                     return None
             elif value != was:
@@ -483,12 +514,8 @@ def value_changes(old: dict, new: dict) -> dict | None:
     return changes
 
 
-def _is_link(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
-
-
 @dataclass
-class ServerLoop:
+class ServerLoop(_Loop):
     """Protocol 2, the panel's loop: the graph goes to the server once, and the server queues every run.
 
     ``edit`` sends only the values that changed (``set``), or the whole graph when its shape changed.
@@ -512,19 +539,15 @@ class ServerLoop:
     closed: bool = False
 
     def __post_init__(self):
-        self._frame_id = 0
-        self._captured: dict[int, float] = {}
+        self._start()
         self._consumed = 0                   # every frame up to this one was taken, overtaken or refused
         self._finished: set[str] = set()
         self._sent_prompt: dict | None = None
         self._answers_due = 0                # graph / set commands not answered yet
         self._edited_at: float | None = None
         self._run_input_time: dict[str, float | None] = {}
-        self._last_capture = float("-inf")
         self._last_taken_at = 0.0
-        self._taken_at: dict[str, float] = {}
-        self._expected = 0.0                 # seconds a run takes, frame taken to run done (moving average)
-        self._lead = 0.005                   # seconds a frame takes to reach the server, decoded
+        self._taken_at: dict[str, float] = {}    # (a run's time: its frame taken to the run done)
         self._send_graph()
 
     @property
@@ -537,14 +560,6 @@ class ServerLoop:
     def _send_graph(self) -> None:
         self.client.command({"type": "graph", "prompt": self.prompt})
         self._sent_prompt, self._answers_due = copy.deepcopy(self.prompt), self._answers_due + 1
-
-    def push_frame(self, data: bytes, fmt: str = "jpeg", captured_at: float | None = None, **size) -> int:
-        self._frame_id += 1
-        self._captured[self._frame_id] = captured_at or time.perf_counter()
-        if len(self._captured) > 4096:
-            self._captured.pop(next(iter(self._captured)))
-        self.client.send_frame(data, self._frame_id, fmt, **size)
-        return self._frame_id
 
     def edit(self, prompt: dict, edited_at: float | None = None) -> None:
         """The graph as it is now: its changed values go to the server at once (or the graph, if its shape
@@ -619,22 +634,12 @@ class ServerLoop:
             self.pump(0.05)
 
     def _handle(self, source: str, message, at: float) -> None:
-        if isinstance(message, Exception) or message in ("", b""):
-            self.closed = True
-            self.errors.append(f"{source} websocket closed: {message!r}")
+        if self._closed_by(source, message):
             return
         if source == "live":
             self._handle_live(json.loads(message), at)
         elif isinstance(message, bytes):
-            if len(message) >= 4 and struct.unpack_from(">I", message)[0] == 4:
-                metadata, image = unpack_image_with_metadata(message)
-                live = metadata.get("turbo_live") or {}
-                frame_id = live.get("frame_id")
-                start = self._captured.get(frame_id) if live.get("fresh_frame") else None
-                edit = self._run_input_time.get(metadata.get("prompt_id"))
-                origin = max(t for t in (start, edit) if t is not None) if (start or edit) else None
-                self.outputs.append(Output(metadata.get("prompt_id"), frame_id, metadata, image, at,
-                                           None if origin is None else (at - origin) * 1000.0))
+            self._picture(message, at, self._run_input_time)
         else:
             self._handle_comfy(json.loads(message), at)
 
@@ -644,9 +649,7 @@ class ServerLoop:
             # The answer names the run it queued; it can arrive before the "run" event.
             self._note_run(reply["prompt_id"], "frame" if kind == "frame" else "values" if kind == "set" else "graph")
         if kind == "frame":
-            self.acks.append(reply)
-            if reply["frame_id"] in self._captured:
-                self._lead = 0.8 * self._lead + 0.2 * 1.5 * (at - self._captured[reply["frame_id"]])
+            self._frame_acked(reply, at)
             if not reply["accepted"]:
                 self._consumed = max(self._consumed, reply["frame_id"])
         elif kind == "run":
@@ -680,8 +683,7 @@ class ServerLoop:
         data = event.get("data") or {}
         kind = event.get("type")
         if kind == "status":
-            remaining = (data.get("status") or {}).get("exec_info", {}).get("queue_remaining", 0)
-            self.max_queue_remaining = max(self.max_queue_remaining, remaining)
+            self._queue_status(data)
             return
         prompt_id = data.get("prompt_id")
         if prompt_id not in self.reasons:
@@ -694,16 +696,7 @@ class ServerLoop:
             self._finished.add(prompt_id)
             self.executed.setdefault(prompt_id, []).append((None, at))
             if prompt_id in self._taken_at:      # its own frame's time: the next run's taken may come first
-                took = at - self._taken_at.pop(prompt_id)
-                self._expected = took if self._expected == 0 else 0.8 * self._expected + 0.2 * took
-
-    def node_seconds(self, prompt_id: str) -> dict[str, float]:
-        """Wall time per node of a run, from the server's 'executing' messages."""
-        steps = self.executed.get(prompt_id, [])
-        return {node: later - at for (node, at), (_, later) in zip(steps, steps[1:]) if node is not None}
-
-    def stats(self, since: float | None = None) -> dict:
-        return LiveLoop.stats(self, since)
+                self._took(at - self._taken_at.pop(prompt_id))
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
