@@ -467,21 +467,28 @@ def between_figures(rounds: list[list[Shown]]) -> dict:
 
 
 def webcam_stream(host: ComfyHost, model: str, size: int, seconds: float, camera_fps: float = CAMERA_FPS,
-                  rounds: int = 4) -> dict:
+                  rounds: int = 4, loops: tuple = LOOPS, edit=None) -> dict:
     """A camera at the graph's size (as both the panel, at Turbo Live Input's size, and stock's webcam node, at
     its width and height, capture it), for `seconds` a loop, the three taking turns in `rounds`. Our loops
     read the camera just in time, as the panel does (a frame captured shortly before the running run ends),
-    at most `camera_fps` times a second; stock captures when its last picture is shown."""
+    at most `camera_fps` times a second; stock captures when its last picture is shown.
+    `loops`: which of LOOPS to run; `edit`: a function that changes each loop's graph (Turbo Fast Path
+    inserted by `with_fast_path`, say)."""
     camera = Camera(size)
-    graphs = {kind: live_graph("turbo_live_webcam", model, size, session_of(f"stream-{model}", kind)) for kind in LOOPS}
-    shown = {kind: [] for kind in LOOPS}
-    counters = {kind: {"received": 0, "used": 0, "dropped": 0, "sent": 0} for kind in OURS}
-    max_queue = dict.fromkeys(OURS, 0)
+    tag = f"-{edit.tag}" if getattr(edit, "tag", "") else ""
+    edit = edit or (lambda prompt: prompt)
+    graphs = {kind: edit(live_graph("turbo_live_webcam", model, size, session_of(f"stream-{model}{tag}", kind)))
+              for kind in loops}
+    ours = tuple(kind for kind in OURS if kind in loops)
+    shown = {kind: [] for kind in loops}
+    counters = {kind: {"received": 0, "used": 0, "dropped": 0, "sent": 0} for kind in ours}
+    max_queue = dict.fromkeys(ours, 0)
     stock = Stock(host)
     try:
-        stock.frame(graphs["stock"], camera, 0.0, f"bench-stream-{model}.png")                 # warm
+        if "stock" in loops:
+            stock.frame(graphs["stock"], camera, 0.0, f"bench-stream-{model}.png")             # warm
         for r in range(rounds):
-            for kind in turns(r):
+            for kind in (k for k in turns(r) if k in loops):
                 if kind == "stock":
                     shown[kind].append(stock_round(stock, graphs[kind], camera, seconds / rounds,
                                                    f"bench-stream-{model}.png"))
@@ -496,11 +503,27 @@ def webcam_stream(host: ComfyHost, model: str, size: int, seconds: float, camera
                 max_queue[kind] = max(max_queue[kind], queue)
     finally:
         stock.close()
-    figures = {kind: stream_figures(shown[kind]) for kind in LOOPS}
-    for kind in OURS:
+    figures = {kind: stream_figures(shown[kind]) for kind in loops}
+    for kind in ours:
         figures[kind].update(between_figures(shown[kind]), server_frames=counters[kind],
                              max_queue_remaining=max_queue[kind])
     return {"model": model, "size": size, "seconds": seconds, "rounds": rounds, "camera_fps": camera_fps, **figures}
+
+
+def with_fast_path(options: dict, tag: str = "fast"):
+    """An `edit` for webcam_stream: Turbo Fast Path (`options`: its inputs) between the checkpoint loader and
+    everything that takes its MODEL."""
+    def edit(prompt: dict) -> dict:
+        prompt = copy.deepcopy(prompt)
+        (loader,) = [n for n, node in prompt.items() if node["class_type"] == "TurboCheckpointLoader"]
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                if value == [loader, 0]:
+                    node["inputs"][name] = ["fast", 0]
+        prompt["fast"] = {"class_type": "TurboFastPath", "inputs": {"model": [loader, 0], **options}}
+        return prompt
+    edit.tag = tag
+    return edit
 
 
 def graph_session(prompt: dict) -> str:
@@ -592,18 +615,24 @@ def edit_to_pixels(keystrokes: list[float], shown: list[tuple[float, int]]) -> d
 
 # --- running and reporting ------------------------------------------------------------------------
 
-def start_host(base: Path, device: str, model_set: str, families: list[str]) -> ComfyHost:
+def make_host(base: Path, device: str, model_set: str, families: list[str], extra_args: tuple = ()) -> ComfyHost:
+    """A ComfyUI server (not started yet) with the bench's checkpoints and TAESD installed under the names the
+    workflows use, and no frontend (``--front-end-root`` on an empty folder: the API and websockets only)."""
     models = bench_models.ensure(model_set, families, str(default_comfyui_path()))
     front = base / "no-frontend"
     front.mkdir(parents=True, exist_ok=True)
-    host = ComfyHost(base, cpu=device == "cpu", extra_args=("--front-end-root", str(front)))
+    host = ComfyHost(base, cpu=device == "cpu", extra_args=("--front-end-root", str(front), *extra_args))
     for family in families:
         host.install_model(models / "checkpoints" / bench_models.MODEL_SETS[model_set][family], "checkpoints",
                            CHECKPOINTS[family])
         taesd = bench_models.TAESD_NAMES[family]
         for part in ("encoder", "decoder"):
             host.install_model(models / "vae_approx" / f"{taesd}_{part}.safetensors", "vae_approx")
-    return host.start()
+    return host
+
+
+def start_host(base: Path, device: str, model_set: str, families: list[str]) -> ComfyHost:
+    return make_host(base, device, model_set, families).start()
 
 
 def ms(value: float | None, digits: int = 1) -> str:

@@ -69,15 +69,17 @@ def models_dir(model_set: str) -> Path:
     return cache_dir() / ("fixtures" if model_set == "tiny" else "bench-models")
 
 
-def ensure(model_set: str, families: list[str], comfyui_path: str) -> Path:
-    """Generate (once) the checkpoints of ``families`` in ``model_set`` plus TAESD; returns the models dir."""
+def ensure(model_set: str, families: list[str], comfyui_path: str, device: str | None = None) -> Path:
+    """Generate (once) the checkpoints of ``families`` in ``model_set`` plus TAESD; returns the models dir.
+    ``device``: where full-size checkpoints are built (a GPU: seconds instead of minutes); tiny ones are
+    always built on the CPU, byte-identical to the tests' fixtures."""
     out = models_dir(model_set)
     if model_set == "tiny":
         groups = list(families) + ["loras", "taesd"]
     else:
         _register_full_models()
         groups = [f + "-full" for f in families] + ["taesd"]
-    make_models.ensure_models(str(out), comfyui_path, groups)
+    make_models.ensure_models(str(out), comfyui_path, groups, device=None if model_set == "tiny" else device)
     return out
 
 

@@ -309,12 +309,22 @@ def page_section(page: Path = PAGE) -> str:
                 "with TAESD, ≤ 25 ms with the full VAE; SD-Turbo with TAESD ≤ 6 ms; ≥ 3× faster than stock in the "
                 "same run) are **not yet measured**, and Turbo Fast Path's `cuda_graphs` option has only run on "
                 "the CPU, where the tests emulate capture and replay (tests/test_cuda_graphs.py). The GPU run is "
-                "the one command under *Reproduce* below. For comparison when it has run:", ""]
+                "the command under *Reproduce* below. For comparison when it has run:", ""]
     out += ["| published anchor | figure | source |", "|---|---|---|"]
     out += [f"| {a} | {f} | {s} |" for a, f, s in ANCHORS] + [""]
     out += ["## Reproduce", "", "CPU (tiny checkpoints, 128², about half an hour on 2 cores):", "",
             "```", "bash bench/run.sh", "```", "",
-            "GPU (generates random-weight full-size SD-Turbo and SDXL-Turbo, 2.6 + 6.9 GB, into "
+            "GPU machine without a package index: prepare here, then one command there that keeps to 7 minutes, "
+            "runs the most important figures first and writes each result into its results folder as it comes "
+            "(`bench/gpu_run.py` has the plan: CUDA-graph capture of the SDXL-Turbo UNet, both models at 1 step "
+            "through the executor, a LoRA switch and VRAM after `/free`, the live loops' fps, 4 steps and batch 4, "
+            "torch.compile if it still fits):", "",
+            "```", "bash scripts/gpu_prepare.sh         # here: the wheels the GPU machine lacks, into gpu-wheels/",
+            "bash bench/gpu.sh --out \"$OUT\"      # there, gpu-wheels/ carried beside the checkout",
+            "```", "",
+            "Its `<device>-<device model>.json` has this page's schema: copied into `bench/results/`, it renders "
+            "here.", "",
+            "GPU with a package index (generates random-weight full-size SD-Turbo and SDXL-Turbo, 2.6 + 6.9 GB, into "
             "`~/.cache/comfy-turbo/bench-models` on first use, then 512², 1 and 4 steps, batch 1 and 4, the fast "
             "path with torch.compile and CUDA graphs; then the first-image cost, a LoRA switch, fp16 against bf16 "
             "and the fast path's difference from the plain path):", "",

@@ -249,138 +249,216 @@ def median_ms(values: list[float]) -> float | None:
 
 # -- the benchmark -----------------------------------------------------------------------------
 
+FAST_PATHS = ("ours-fast", "ours-fast-taesd")
+
+
+class FamilyBench:
+    """One model family's paths, each group of paths with its own executor, kept across settings.
+
+    ``measure(steps, batch)`` is one setting of the table: warm-up, rotated rounds, instrumented stage runs
+    and peak memory, as the module docstring says. The executors (and so the loaded checkpoints, text
+    encodings and captured graphs) live until ``close()``, so later settings and ``lora_switch`` reuse them.
+    ``variants`` adds Turbo Fast Path configurations beside the main one (``fast``), name -> fast options:
+    their fast paths (``FAST_PATHS``) run in the same rounds, in groups of their own, and their rows say
+    ``"variant": name``.
+    """
+
+    def __init__(self, args, family: str, ckpt: str, sync, log, paths=None, fast: dict | None = None,
+                 variants: dict | None = None):
+        self.args, self.family, self.ckpt, self.sync, self.log = args, family, ckpt, sync, log
+        self.taesd = bench_models.TAESD_NAMES[family]
+        self.options = {None: fast or fast_options(args), **(variants or {})}
+        main = [p for p in graphs.PATHS if p in (args.paths if paths is None else paths)]
+        self.entries = [(p, None) for p in main] + [(p, v) for v in (variants or {}) for p in FAST_PATHS]
+        self.seed, self.text, self.first_setting = 0, TEXT, True
+        self.groups = {}
+        for entry in self.entries:
+            key = self.group_key(entry)
+            if key not in self.groups:
+                self.groups[key] = Group(graphs.GROUP_OF[entry[0]] + (f"[{key[1]}]" if key[1] else ""))
+                self.groups[key].validate(self.graph(entry, steps=1, batch=1, seed=0))
+
+    @staticmethod
+    def group_key(entry) -> tuple:
+        path, variant = entry
+        return graphs.GROUP_OF[path], (variant if graphs.GROUP_OF[path] == "fast" else None)
+
+    @staticmethod
+    def label(entry) -> str:
+        return entry[0] + (f"[{entry[1]}]" if entry[1] else "")
+
+    def graph(self, entry, steps: int, batch: int, seed: int) -> dict:
+        group, variant = self.group_key(entry)
+        return graphs.group_graph(group, ckpt=self.ckpt, taesd=self.taesd, steps=steps, batch=batch,
+                                  size=self.args.size, seed=seed, text=self.text, fast=self.options[variant])
+
+    def prompt_for(self, entry, steps: int, batch: int) -> dict:
+        self.seed += 1
+        return self.graph(entry, steps, batch, self.seed)
+
+    def run(self, entry, steps: int, batch: int) -> float:
+        return self.groups[self.group_key(entry)].run(self.prompt_for(entry, steps, batch), graphs.OUTPUT_OF[entry[0]])
+
+    def measure(self, steps: int, batch: int, runs: int | None = None, warmup: int | None = None,
+                stage_runs: int | None = None, memory: bool = True) -> list[dict]:
+        """One (steps, batch) setting of every path: its rows."""
+        args, log, sync, family = self.args, self.log, self.sync, self.family
+        runs = args.runs if runs is None else runs
+        warmup = args.warmup if warmup is None else warmup
+        stage_runs = args.stage_runs if stage_runs is None else stage_runs
+        entries, run = self.entries, self.run
+        log(f"[{family}] {steps} step(s), batch {batch}: warm-up")
+        warm = {e: [] for e in entries}          # the first ones pay for loading, compiling and graph capture
+        for _ in range(warmup):
+            for e in entries:
+                warm[e].append(run(e, steps, batch))
+        latencies = {e: [] for e in entries}
+        for r in range(runs):
+            order = entries[r % len(entries):] + entries[:r % len(entries)]
+            for e in order:
+                latencies[e].append(run(e, steps, batch))
+        log(f"[{family}] {steps} step(s), batch {batch}: " + ", ".join(
+            f"{self.label(e)} {statistics.median(v) * 1000:.1f} ms" for e, v in latencies.items() if v))
+
+        stages = {e: {"steps": [], "sampler": [], "decode": []} for e in entries}
+        encode = {key: {"new": [], "repeat": []} for key in self.groups}
+        texts = [f"{TEXT}, variation {self.seed}-{i}" for i in range(stage_runs)]
+        toggles = texts[-2:] * 2 if self.first_setting and len(texts) >= 2 else []   # A, B, A, B: repeats
+        self.first_setting = False
+        for i, new_text in enumerate(texts + toggles):
+            self.text = new_text
+            for e in entries:
+                key = self.group_key(e)
+                with instrumented(self.groups[key], sync) as (events, unet_steps):
+                    run(e, steps, batch)
+                times = node_times(events)
+                if graphs.ENCODE_NODE in times:          # the group's first path; the next ones reuse it
+                    encode[key]["new" if i < len(texts) else "repeat"].append(times[graphs.ENCODE_NODE])
+                if i < len(texts):
+                    stages[e]["steps"].append(unet_steps)
+                    stages[e]["sampler"].append(times[graphs.SAMPLER_NODE])
+                    stages[e]["decode"].append(times[graphs.DECODE_NODE_OF[e[0]]])
+        self.text = TEXT
+        if texts:
+            for e in entries:                            # the usual prompt back in every cache
+                run(e, steps, batch)
+        used = {e: measure_memory(args.device, self.groups[self.group_key(e)], self.prompt_for(e, steps, batch),
+                                  graphs.OUTPUT_OF[e[0]]) for e in entries} if memory else {}
+
+        stock = latencies.get(("stock", None))
+        stock_taesd = latencies.get(("stock-taesd", None))
+        rows = []
+        for e in entries:
+            path, variant = e
+            st = stages[e]
+            per_step = [median_ms([s[k] for s in st["steps"] if len(s) > k]) for k in range(steps)]
+            row = {
+                "steps": steps, "batch": batch, "path": path, **({"variant": variant} if variant else {}),
+                "latency_ms": summary_ms(latencies[e]) if latencies[e] else None,
+                "warmup_ms": [round(w * 1000, 1) for w in warm[e]],
+                "stages_ms": {
+                    "text_encode_new": median_ms(encode[self.group_key(e)]["new"]),
+                    "text_encode_repeat": median_ms(encode[self.group_key(e)]["repeat"]),
+                    "unet_steps": per_step,
+                    "sampler_node": median_ms(st["sampler"]),
+                    "sampler_overhead": median_ms([n - sum(s) for n, s in zip(st["sampler"], st["steps"])]),
+                    "decode": median_ms(st["decode"]),
+                    "decoder": "taesd" if path.endswith("taesd") else "vae",
+                },
+                **({"memory": used[e]} if e in used else {}),
+            }
+            if stock and latencies[e]:
+                row["ratio_vs_stock"] = statistics.median(latencies[e]) / statistics.median(stock)
+                row["paired_ratio_vs_stock"] = statistics.median(a / b for a, b in zip(latencies[e], stock))
+            if path == "ours-fast-taesd" and stock_taesd and latencies[e]:
+                row["ratio_vs_stock_taesd"] = statistics.median(latencies[e]) / statistics.median(stock_taesd)
+            rows.append(row)
+        return rows
+
+    def close(self) -> None:
+        """Drop the executors and unload every model."""
+        import gc
+        import comfy.model_management
+        self.groups.clear()
+        comfy.model_management.unload_all_models()
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+
+
 def bench_model(args, family: str, ckpt: str, sync, log) -> dict:
-    taesd = bench_models.TAESD_NAMES[family]
-    paths = [p for p in graphs.PATHS if p in args.paths]
-    groups = {name: Group(name) for name in dict.fromkeys(graphs.GROUP_OF[p] for p in paths)}
-    fast = fast_options(args)
-    seed = [0]
-    text = [TEXT]
-
-    def prompt_for(path, steps, batch):
-        seed[0] += 1
-        return graphs.group_graph(graphs.GROUP_OF[path], ckpt=ckpt, taesd=taesd, steps=steps, batch=batch,
-                                  size=args.size, seed=seed[0], text=text[0], fast=fast)
-
-    def run(path, steps, batch):
-        return groups[graphs.GROUP_OF[path]].run(prompt_for(path, steps, batch), graphs.OUTPUT_OF[path])
-
-    for name, group in groups.items():
-        group.validate(graphs.group_graph(name, ckpt=ckpt, taesd=taesd, steps=1, batch=1, size=args.size, seed=0,
-                                          text=TEXT, fast=fast))
-    rows = []
-    for steps in args.steps:
-        for batch in args.batch:
-            log(f"[{family}] {steps} step(s), batch {batch}: warm-up")
-            warmup = {p: [] for p in paths}      # the first ones pay for loading, compiling and graph capture
-            for _ in range(args.warmup):
-                for path in paths:
-                    warmup[path].append(run(path, steps, batch))
-            latencies = {p: [] for p in paths}
-            for r in range(args.runs):
-                order = paths[r % len(paths):] + paths[:r % len(paths)]
-                for path in order:
-                    latencies[path].append(run(path, steps, batch))
-            log(f"[{family}] {steps} step(s), batch {batch}: " + ", ".join(
-                f"{p} {statistics.median(v) * 1000:.1f} ms" for p, v in latencies.items()))
-
-            stages = {p: {"steps": [], "sampler": [], "decode": []} for p in paths}
-            encode = {g: {"new": [], "repeat": []} for g in groups}
-            texts = [f"{TEXT}, variation {seed[0]}-{i}" for i in range(args.stage_runs)]
-            first_setting = steps == args.steps[0] and batch == args.batch[0]
-            toggles = texts[-2:] * 2 if first_setting and len(texts) >= 2 else []   # A, B, A, B: repeats
-            for i, new_text in enumerate(texts + toggles):
-                text[0] = new_text
-                for path in paths:
-                    group = groups[graphs.GROUP_OF[path]]
-                    with instrumented(group, sync) as (events, unet_steps):
-                        run(path, steps, batch)
-                    times = node_times(events)
-                    if graphs.ENCODE_NODE in times:          # the group's first path; the next ones reuse it
-                        encode[group.name]["new" if i < len(texts) else "repeat"].append(times[graphs.ENCODE_NODE])
-                    if i < len(texts):
-                        stages[path]["steps"].append(unet_steps)
-                        stages[path]["sampler"].append(times[graphs.SAMPLER_NODE])
-                        stages[path]["decode"].append(times[graphs.DECODE_NODE_OF[path]])
-            text[0] = TEXT
-            for path in paths:                               # the usual prompt back in every cache
-                run(path, steps, batch)
-            memory = {path: measure_memory(args.device, groups[graphs.GROUP_OF[path]], prompt_for(path, steps, batch),
-                                           graphs.OUTPUT_OF[path]) for path in paths}
-
-            stock = latencies.get("stock")
-            for path in paths:
-                st = stages[path]
-                per_step = [median_ms([s[k] for s in st["steps"] if len(s) > k]) for k in range(steps)]
-                row = {
-                    "steps": steps, "batch": batch, "path": path,
-                    "latency_ms": summary_ms(latencies[path]),
-                    "warmup_ms": [round(w * 1000, 1) for w in warmup[path]],
-                    "stages_ms": {
-                        "text_encode_new": median_ms(encode[graphs.GROUP_OF[path]]["new"]),
-                        "text_encode_repeat": median_ms(encode[graphs.GROUP_OF[path]]["repeat"]),
-                        "unet_steps": per_step,
-                        "sampler_node": median_ms(st["sampler"]),
-                        "sampler_overhead": median_ms([n - sum(s) for n, s in zip(st["sampler"], st["steps"])]),
-                        "decode": median_ms(st["decode"]),
-                        "decoder": "taesd" if path.endswith("taesd") else "vae",
-                    },
-                    "memory": memory[path],
-                }
-                if stock:
-                    row["ratio_vs_stock"] = statistics.median(latencies[path]) / statistics.median(stock)
-                    row["paired_ratio_vs_stock"] = statistics.median(a / b for a, b in zip(latencies[path], stock))
-                if path == "ours-fast-taesd" and "stock-taesd" in latencies:
-                    row["ratio_vs_stock_taesd"] = statistics.median(latencies[path]) / statistics.median(latencies["stock-taesd"])
-                rows.append(row)
-    import gc
-    import comfy.model_management
-    groups.clear()
-    comfy.model_management.unload_all_models()
-    gc.collect()
-    comfy.model_management.soft_empty_cache()
+    bench = FamilyBench(args, family, ckpt, sync, log)
+    try:
+        rows = [row for steps in args.steps for batch in args.batch for row in bench.measure(steps, batch)]
+    finally:
+        bench.close()
     return {"rows": rows}
+
+
+def _quiet_lora_keys() -> None:
+    """The bench LoRA also holds text-encoder keys, which LoraLoaderModelOnly reports one by one."""
+    root = logging.getLogger()
+    if not any(getattr(f, "comfy_turbo_bench", False) for f in root.filters):
+        def drop(record):
+            return "lora key not loaded" not in record.getMessage()
+        drop.comfy_turbo_bench = True
+        root.addFilter(drop)
+
+
+def lora_switch(args, family: str, ckpt: str, fast: dict, log, runs: int | None = None, warmup: int = 4,
+                group: "Group | None" = None) -> dict:
+    """Latency with a core LoraLoaderModelOnly after Turbo Fast Path (1 step, batch 1, TAESD decode), its
+    strength the same every run, then alternating 1.0 / 0.5 (every prompt re-patches the UNet in place);
+    the difference of the medians is the cost of a switch (with CUDA graphs on: no re-capture).
+    ``group``: an executor to run in (one of FamilyBench's keeps the checkpoint loaded), else a new one."""
+    import statistics as stats
+    runs = args.runs if runs is None else runs
+    taesd = bench_models.TAESD_NAMES[family]
+    lora = bench_models.lora_name(ckpt)
+    seed = [10_000]
+
+    def prompt(strength):
+        seed[0] += 1
+        graph = graphs.ours_graph(ckpt=ckpt, taesd=taesd, steps=1, batch=1, size=args.size, seed=seed[0], text=TEXT,
+                                  fast=fast, lora=(lora, strength))
+        return graph, graphs.OUTPUT_OF["ours-fast-taesd"]
+
+    _quiet_lora_keys()
+    group = group or Group("lora")
+    for strength in (1.0, 0.5, 1.0, 0.5)[:warmup]:              # warm-up: load, compile, capture
+        group.run(*prompt(strength))
+    steady = [group.run(*prompt(1.0)) for _ in range(runs)]
+    switching = [group.run(*prompt(0.5 if r % 2 == 0 else 1.0)) for r in range(runs)]
+    out = {"steady_ms": summary_ms(steady), "switching_ms": summary_ms(switching),
+           "switch_cost_ms": (stats.median(switching) - stats.median(steady)) * 1000}
+    log(f"[{family}] LoRA: steady {stats.median(steady) * 1000:.1f} ms, switching every prompt "
+        f"{stats.median(switching) * 1000:.1f} ms")
+    return out
 
 
 def bench_extras(args, family: str, ckpt: str, sync, log) -> dict:
     """What the main table does not show, for the fast path at 1 step, batch 1 (TAESD decode):
 
-    * ``lora_switch``: latency with a core LoraLoaderModelOnly after Turbo Fast Path, its strength the
-      same every run, then alternating 1.0 / 0.5 (every prompt re-patches the UNet in place); the
-      difference of the medians is the cost of a switch (with CUDA graphs on: no re-capture);
+    * ``lora_switch``: the cost of a LoRA strength switch (``lora_switch``);
     * ``precision``: the same graph with fp16 and with bf16 weights, runs alternating;
     * ``fast_vs_plain``: max |difference| of the decoded images (0..1) of the fast path and of our plain
       path at the same weight precision and seed, full VAE.
     """
     import statistics as stats
     taesd = bench_models.TAESD_NAMES[family]
-    lora = bench_models.lora_name(ckpt)
     fast = fast_options(args)
     seed = [10_000]
 
-    def prompt(fast_opts, lora_strength=None, dtype=None, decoder="taesd"):
+    def prompt(fast_opts, dtype=None):
         seed[0] += 1
         opts = dict(fast_opts, weight_dtype=dtype or fast_opts["weight_dtype"])
         graph = graphs.ours_graph(ckpt=ckpt, taesd=taesd, steps=1, batch=1, size=args.size, seed=seed[0], text=TEXT,
-                                  fast=opts, lora=None if lora_strength is None else (lora, lora_strength))
-        return graph, graphs.OUTPUT_OF["ours-fast-taesd" if decoder == "taesd" else "ours-fast"]
+                                  fast=opts)
+        return graph, graphs.OUTPUT_OF["ours-fast-taesd"]
 
     def timed(group, graph_and_output, repeat=1):
         return [group.run(*graph_and_output) for _ in range(repeat)]
 
-    out = {}
-    # The bench LoRA also holds text-encoder keys, which LoraLoaderModelOnly reports one by one.
-    logging.getLogger().addFilter(lambda record: "lora key not loaded" not in record.getMessage())
-    group = Group("lora")
-    for strength in (1.0, 0.5, 1.0, 0.5):                       # warm-up: load, compile, capture
-        timed(group, prompt(fast, strength))
-    steady = [t for _ in range(args.runs) for t in timed(group, prompt(fast, 1.0))]
-    switching = [t for r in range(args.runs) for t in timed(group, prompt(fast, 0.5 if r % 2 == 0 else 1.0))]
-    out["lora_switch"] = {"steady_ms": summary_ms(steady), "switching_ms": summary_ms(switching),
-                          "switch_cost_ms": (stats.median(switching) - stats.median(steady)) * 1000}
-    log(f"[{family}] LoRA: steady {stats.median(steady) * 1000:.1f} ms, switching every prompt "
-        f"{stats.median(switching) * 1000:.1f} ms")
-    del group
+    out = {"lora_switch": lora_switch(args, family, ckpt, fast, log)}
 
     if args.device == "cuda":
         groups = {d: Group(d) for d in ("fp16", "bf16")}
@@ -437,6 +515,24 @@ def merge_entry(old: dict | None, entry: dict, rows: list[dict], run_info: dict)
     extras = old.get("extras") if same else None   # replaced by bench_extras when this run measures them
     return {**entry, "runs": runs + [run_info], "rows": merged, **({"notes": notes} if notes else {}),
             **({"extras": extras} if extras else {})}
+
+
+def pack_module(path: str):
+    """A module of the pack as ComfyUI loaded it (a custom node loads under its folder's name), or None."""
+    target = (REPO / path).resolve()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == target:
+            return module
+    return None
+
+
+def compile_settings(compile: str, device: str) -> dict | None:
+    """What torch.compile really ran with on the ours-fast paths (nodes/fastpath.py's compile_settings)."""
+    fastpath = pack_module("nodes/fastpath.py")
+    if compile == "off" or fastpath is None:
+        return None
+    return fastpath.compile_settings(fastpath.COMPILE_MODES[compile], device)
 
 
 def fast_options(args) -> dict:
@@ -520,6 +616,7 @@ def main(argv=None) -> int:
             "seconds": round(time.monotonic() - started, 1),
             "runs": args.runs, "warmup": args.warmup, "stage_runs": args.stage_runs,
             "settings": sorted({(r["steps"], r["batch"]) for r in rows}),
+            "compile_settings": compile_settings(args.compile, args.device),
             "command": "bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         entry = {"checkpoint": ckpt, "model_set": args.models, "size": args.size, "fast_options": fast_options(args),

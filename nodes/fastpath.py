@@ -129,8 +129,9 @@ def inductor_options(mode: str, device) -> dict:
 def compile_settings(mode: str, device) -> dict:
     """What ``torch.compile`` really runs with for a compile option on ``device``: for results files."""
     import torch._dynamo
+    plain = (bool, int, float, str, type(None))
     return {"backend": "inductor", "mode": mode, "dynamic": False, "fullgraph": False,
-            "options": inductor_options(mode, device),
+            "options": {k: v if isinstance(v, plain) else repr(v) for k, v in inductor_options(mode, device).items()},
             "inline_inbuilt_nn_modules": bool(torch._dynamo.config.inline_inbuilt_nn_modules),
             "torch": torch.__version__}
 

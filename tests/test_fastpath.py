@@ -361,3 +361,13 @@ def test_another_nodes_attention_override_is_never_overwritten(pack, loaded, con
     assert "optimized_attention_override" not in again.model_options["transformer_options"]
     assert pack.fastpath.apply_fast_path(sdpa, attention="sdpa").model_options["transformer_options"][
         "optimized_attention_override"] is pack.fastpath.sdpa_attention
+
+
+def test_compile_settings_name_what_torch_compile_really_runs_with(pack):
+    """Results files record these (bench/run.py's compile_settings): the mode's inductor options, as changed."""
+    import json
+    cpu = pack.fastpath.compile_settings("default", "cpu")
+    assert cpu["backend"] == "inductor" and cpu["dynamic"] is False and cpu["options"]["layout_optimization"] is False
+    assert "layout_optimization" not in pack.fastpath.compile_settings("default", "cuda")["options"]
+    assert json.loads(json.dumps(pack.fastpath.compile_settings("max-autotune-no-cudagraphs", "cuda")))["mode"] \
+        == "max-autotune-no-cudagraphs"
