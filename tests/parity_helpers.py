@@ -249,6 +249,150 @@ def inject_ancestral_noise(noises: Sequence[torch.Tensor]):
 
 
 # --------------------------------------------------------------------------------------------
+# Few-step families (samplers/families.py): each family's reference scheduler, configured as its authors'
+# snippets configure it, and the reference pipeline's timestep selection
+# --------------------------------------------------------------------------------------------
+#: stabilityai/stable-diffusion-xl-base-1.0  scheduler/scheduler_config.json: the config the Lightning, DMD2,
+#: Hyper-SD, LCM, TCD and PCM snippets start from (``X.from_config(pipe.scheduler.config, ...)``). SD1.5's
+#: (runwayml/stable-diffusion-v1-5, PNDMScheduler) has the same betas, set_alpha_to_one and steps_offset.
+SDXL_BASE_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    **_COMMON_SCHEDULER_FIELDS,
+    "timestep_spacing": "leading",
+}
+
+#: stabilityai/stable-diffusion-3.5-large-turbo: FlowMatchEulerDiscreteScheduler, shift 3.0 (the SD3 / SD3.5
+#: config; this model's own file was not found, see /work/shared/notes/families.md).
+SD35_LARGE_TURBO_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+
+#: black-forest-labs/FLUX.1-schnell  scheduler/scheduler_config.json
+FLUX_SCHNELL_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.30.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
+
+DMD2_TIMESTEPS = {4: [999, 749, 499, 249], 1: [399]}  # tianweiy/DMD2 model card
+HYPER_SD_UNET_TIMESTEPS = [800]                       # ByteDance/Hyper-SD README, 1-step SDXL UNet
+
+
+def family_reference(family: str, steps: int, gamma=None) -> types.SimpleNamespace:
+    """The diffusers scheduler a family's authors sample with, and how their pipeline calls it.
+
+    Returns ``scheduler``, ``pipeline`` ("sdxl", "sd3" or "flux": whose ``retrieve_timesteps`` /
+    ``get_timesteps`` / latent preparation apply), ``set_timesteps`` (the keyword arguments the pipeline
+    passes: ``num_inference_steps``, ``timesteps=`` or ``sigmas=``) and ``step_kwargs`` (what the
+    pipeline's ``prepare_extra_step_kwargs`` passes to ``step``: ``eta`` where ``step`` takes it).
+    """
+    import diffusers
+
+    base = dict(SDXL_BASE_SCHEDULER_CONFIG)
+    kwargs, step_kwargs, pipeline = {"num_inference_steps": steps}, {}, "sdxl"
+    if family in ("sd-turbo", "sdxl-turbo"):
+        scheduler = diffusers_scheduler(family)
+    elif family == "sdxl-lightning":   # ByteDance/SDXL-Lightning README
+        extra = {"prediction_type": "sample"} if steps == 1 else {}
+        scheduler = diffusers.EulerDiscreteScheduler.from_config(base, timestep_spacing="trailing", **extra)
+    elif family in ("dmd2", "hyper-sd-1step-unet"):
+        scheduler = diffusers.LCMScheduler.from_config(base)
+        kwargs = {"num_inference_steps": None,
+                  "timesteps": DMD2_TIMESTEPS[steps] if family == "dmd2" else HYPER_SD_UNET_TIMESTEPS}
+    elif family == "hyper-sd":         # ByteDance/Hyper-SD README, N-step LoRAs; the pipeline passes eta=0.0
+        scheduler = diffusers.DDIMScheduler.from_config(base, timestep_spacing="trailing")
+        step_kwargs = {"eta": 0.0}
+    elif family == "pcm":              # wangfuyun/PCM_Weights card
+        scheduler = diffusers.DDIMScheduler.from_config(base, timestep_spacing="trailing", clip_sample=False,
+                                                        set_alpha_to_one=False)
+        step_kwargs = {"eta": 0.0}
+    elif family == "lcm":              # latent-consistency/lcm-lora-sdxl card
+        scheduler = diffusers.LCMScheduler.from_config(base)
+    elif family in ("tcd", "hyper-sd-unified"):  # h1t/TCD-SDXL-LoRA card (eta 0.3); Hyper-SD README (eta 1.0)
+        scheduler = diffusers.TCDScheduler.from_config(base)
+        step_kwargs = {"eta": (0.3 if family == "tcd" else 1.0) if gamma is None else gamma}
+    elif family == "sd3.5-large-turbo":  # StableDiffusion3Pipeline: set_timesteps(N)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(SD35_LARGE_TURBO_SCHEDULER_CONFIG)
+        pipeline = "sd3"
+    elif family == "flux.1-schnell":   # FluxPipeline: sigmas = linspace(1, 1/N, N), mu (unused: no dynamic shift)
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHNELL_SCHEDULER_CONFIG)
+        kwargs = {"num_inference_steps": steps, "sigmas": np.linspace(1.0, 1 / steps, steps),
+                  "mu": calculate_shift(4096, 256, 4096, 0.5, 1.15)}
+        pipeline = "flux"
+    else:
+        raise KeyError(family)
+    return types.SimpleNamespace(scheduler=scheduler, pipeline=pipeline, set_timesteps=kwargs,
+                                 step_kwargs=step_kwargs)
+
+
+def family_reference_timesteps(ref: types.SimpleNamespace, steps: int, strength: float, img2img: bool):
+    """``(timesteps, t_start)`` the reference pipeline runs: its ``retrieve_timesteps`` (called for real),
+    then for image-to-image its ``get_timesteps`` (``StableDiffusionXLImg2ImgPipeline``'s int rule, or
+    ``StableDiffusion3Img2ImgPipeline`` / ``FluxImg2ImgPipeline``'s float rule) on a stub holding the
+    scheduler, which also sets the scheduler's ``begin_index``."""
+    if ref.pipeline == "sdxl":
+        from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as mod
+
+        pipe_cls = mod.StableDiffusionXLImg2ImgPipeline
+    elif ref.pipeline == "sd3":
+        from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img as mod
+
+        pipe_cls = mod.StableDiffusion3Img2ImgPipeline
+    else:
+        from diffusers.pipelines.flux import pipeline_flux_img2img as mod
+
+        pipe_cls = mod.FluxImg2ImgPipeline
+    kwargs = dict(ref.set_timesteps)
+    n = kwargs.pop("num_inference_steps")
+    timesteps, n = mod.retrieve_timesteps(ref.scheduler, n, "cpu", **kwargs)
+    if not img2img:
+        assert strength == 1.0
+        return timesteps, 0
+    timesteps, n_run = pipe_cls.get_timesteps(types.SimpleNamespace(scheduler=ref.scheduler), n, strength, "cpu")
+    return timesteps, n - n_run
+
+
+@contextlib.contextmanager
+def inject_randn_tensor(module, noises: Sequence[torch.Tensor]):
+    """Like :func:`inject_ancestral_noise`, for any scheduler module that draws with its module-level
+    ``randn_tensor`` (``scheduling_lcm``, ``scheduling_tcd``, ...): draw k returns ``noises[k]``, zeros
+    once they run out. The yielded list records the shape of every draw. A module without that name
+    (it never draws) is left alone."""
+    queue = list(noises)
+    draws: list[tuple] = []
+    if not hasattr(module, "randn_tensor"):
+        yield draws
+        return
+    original = module.randn_tensor
+
+    def fake_randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        draws.append(tuple(shape))
+        if len(draws) <= len(queue):
+            noise = queue[len(draws) - 1]
+            assert tuple(noise.shape) == tuple(shape), (noise.shape, shape)
+            return noise.to(device=device or "cpu", dtype=dtype or noise.dtype)
+        return torch.zeros(shape, dtype=dtype, device=device or "cpu")
+
+    module.randn_tensor = fake_randn_tensor
+    try:
+        yield draws
+    finally:
+        module.randn_tensor = original
+
+
+# --------------------------------------------------------------------------------------------
 # Error measures
 # --------------------------------------------------------------------------------------------
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
