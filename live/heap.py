@@ -11,9 +11,11 @@ once more after a session's first picture (its models are loaded by then). Colle
 was made since: a few milliseconds. When the last session ends, ``gc.unfreeze()`` hands everything back.
 
 What freezing costs: reference cycles among frozen objects are not collected until the last session ends
-(objects without cycles are freed by reference counting as always, a model ComfyUI unloads included). If
-something else froze the heap first, the store leaves freezing to it. ``COMFY_TURBO_LIVE_FREEZE_GC=0`` turns
-it off.
+(objects without cycles are freed by reference counting as always). The one cycle that matters, a model
+ComfyUI dropped that a cycle keeps alive (ComfyUI's ``cleanup_models_gc`` frees those with a
+``gc.collect()``, which a frozen heap defeats), is collected by the next live run: Turbo Live Input checks
+for one and runs ``collect`` (a full collection, once). If something else froze the heap first, the store
+leaves freezing to it. ``COMFY_TURBO_LIVE_FREEZE_GC=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -43,6 +45,15 @@ class FrozenHeap:
         """Freeze what was made since (a session's models, loaded by its first run)."""
         with self._lock:
             if self._frozen_by_us:
+                gc.freeze()
+
+    def collect(self) -> None:
+        """Collect the frozen objects too, then freeze again: what ComfyUI's own ``gc.collect()`` cannot reach
+        while frozen (a model that died in a reference cycle; ``nodes.live.free_dead_models``)."""
+        with self._lock:
+            if self._frozen_by_us:
+                gc.unfreeze()
+                gc.collect()
                 gc.freeze()
 
     def release(self, holder: str) -> None:

@@ -10,8 +10,8 @@ weight patches, ControlNet residuals, model management and Cancel keep working:
   ``torch.compile`` graphs. An optional pinned SDPA backend is applied with
   ``torch.nn.attention.sdpa_kernel(backend, MATH)``: the pinned kernel where it supports the
   inputs, PyTorch's math kernel otherwise, never an error. Another node's override (SageAttention,
-  say) is never overwritten: ``sdpa`` refuses it with a message, ``comfy`` keeps it (and removes an
-  earlier fast path's SDPA).
+  say) is never overwritten: ``sdpa`` keeps it and says so on the node, ``comfy`` keeps it (and removes
+  an earlier fast path's SDPA).
 * channels_last: before each UNet call, any 4-D weight not in channels_last layout (a fresh load, or
   one a LoRA just patched) is converted in place; cuDNN / oneDNN then run the convolutions in NHWC.
   This is a layout change only: the numbers are the same (up to summation order) for every model
@@ -261,9 +261,12 @@ class FastPathMixin:
         # weight gets new storage) and loading it again. A fully loaded model is unpatched where it is instead:
         # the backups (kept on the offload device, as ComfyUI keeps them) are copied back into the same
         # tensors, and the new patches copied into them.
+        # Only for a full load (ComfyUI's own test below): under a VRAM budget ComfyUI loads part of the model and
+        # counts only that, so the rest must really go to the offload device, as it does for any model.
         current = getattr(self.model, "current_weight_patches_uuid", None)
+        full_load = self.model.model_loaded_weight_memory + extra_memory > self.model_size()
         self._unpatch_in_place = current is not None and (current != self.patches_uuid or force_patch_weights) \
-            and self._loaded_on(device_to)
+            and full_load and self._loaded_on(device_to)
         try:
             return super().partially_load(device_to, extra_memory, force_patch_weights)
         finally:
@@ -413,39 +416,43 @@ def fast_clone(model) -> tuple["FastPathMixin", FastPathState]:
     return m, state
 
 
-def set_attention(m, attention: str) -> None:
-    """Route attention to SDPA, or leave ComfyUI's own; never overwrite another node's override."""
+def set_attention(m, attention: str) -> str | None:
+    """Route attention to SDPA, or leave ComfyUI's own; never overwrite another node's override (the message
+    for the user when 'sdpa' keeps one)."""
     transformer_options = m.model_options.setdefault("transformer_options", {})
     current = transformer_options.get("optimized_attention_override")
     foreign = current is not None and current is not sdpa_attention
     if attention == "sdpa":
         if foreign:
-            name = getattr(current, "__qualname__", type(current).__name__)
-            raise TurboError(
-                f"Another node already replaced this model's attention ({getattr(current, '__module__', '?')}."
-                f"{name}, SageAttention or the like). Turbo Fast Path's attention='sdpa' would overwrite it: set "
-                "attention to 'comfy' to keep that node's attention, or remove that node to use SDPA.")
+            name = f"{getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', type(current).__name__)}"
+            return f"Another node already replaced this model's attention ({name}, SageAttention or the like): " \
+                   "Turbo Fast Path keeps it and does not use SDPA. Set attention to 'comfy' to silence this, or " \
+                   "remove that node to use SDPA."
         transformer_options["optimized_attention_override"] = sdpa_attention
     elif current is sdpa_attention:         # an earlier fast path's SDPA: back to ComfyUI's attention
         del transformer_options["optimized_attention_override"]
     elif foreign:
         log.info("comfy-turbo: Turbo Fast Path keeps another node's attention override (attention='comfy').")
+    return None
 
 
 def apply_fast_path(model, attention: str = "sdpa", sdpa_backend: str = "auto", channels_last: bool = True,
-                    compile: str = "off", cuda_graphs: bool = False, graph_backend=None):
+                    compile: str = "off", cuda_graphs: bool = False, graph_backend=None, notify=None):
     """A clone of ``model`` (a ModelPatcher) with the fast path attached.
 
     ``model`` itself keeps its options; the UNet weights it shares with the clone may change layout
     (channels_last) and lose ``requires_grad`` (compile), never value. ``graph_backend`` replaces
-    ``torch.cuda.CUDAGraph`` (tests emulate capture on the CPU with it).
+    ``torch.cuda.CUDAGraph`` (tests emulate capture on the CPU with it); ``notify(text)`` tells the user
+    something worth knowing (default: the log).
     """
     for value, allowed, what in ((attention, ATTENTION, "attention"), (sdpa_backend, SDPA_BACKENDS, "sdpa_backend"),
                                  (compile, tuple(COMPILE_MODES), "compile")):
         if value not in allowed:
             raise TurboError(f"Unknown {what} {value!r}: use one of {', '.join(allowed)}.")
     m, state = fast_clone(model)
-    set_attention(m, attention)
+    notice = set_attention(m, attention)
+    if notice is not None:
+        (notify or (lambda text: log.warning("comfy-turbo: Turbo Fast Path: %s", text)))(notice)
     # Wrappers run in the order added, outermost first: fast path, graphs, then our compile (if any).
     mode = COMPILE_MODES[compile]
     for key in (WRAPPER_KEY, GRAPHS_KEY) + ((COMPILE_KEY,) if mode is not None else ()):
@@ -484,8 +491,8 @@ class TurboFastPath(io.ComfyNode):
                                tooltip="'sdpa': PyTorch's fused scaled_dot_product_attention for every attention "
                                        "layer. 'comfy': whatever ComfyUI chose at start-up (on the CPU its slower "
                                        "sub-quadratic attention, which torch.compile cannot fuse), or another "
-                                       "node's attention override (SageAttention, say), which 'sdpa' refuses to "
-                                       "overwrite."),
+                                       "node's attention override (SageAttention, say), which 'sdpa' keeps "
+                                       "(saying so on the node)."),
                 io.Combo.Input("sdpa_backend", options=list(SDPA_BACKENDS), default="auto",
                                tooltip="'auto': PyTorch picks the fastest kernel that supports the inputs. Or pin "
                                        "flash / efficient / cudnn (CUDA) or math; where the pinned kernel cannot "
@@ -519,7 +526,9 @@ class TurboFastPath(io.ComfyNode):
             if reason is not None:
                 tell_user(f"CUDA graphs are off: {reason}. The fast path runs without them (same images).",
                           cls.hidden.unique_id if cls.hidden is not None else None)
-        return io.NodeOutput(apply_fast_path(model, attention, sdpa_backend, channels_last, compile, cuda_graphs))
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        return io.NodeOutput(apply_fast_path(model, attention, sdpa_backend, channels_last, compile, cuda_graphs,
+                                             notify=lambda text: tell_user(text, node_id)))
 
 
 def tell_user(message: str, node_id) -> None:

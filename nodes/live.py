@@ -117,6 +117,7 @@ class TurboLiveInput(comfy_io.ComfyNode):
 
     @classmethod
     def execute(cls, session, width=512, height=512, source="webcam") -> comfy_io.NodeOutput:
+        free_dead_models(live_server.STORE.heap)
         prompt_id = current_prompt_id()
         try:
             frame, state = live_server.STORE.take(session, prompt_id)
@@ -128,6 +129,18 @@ class TurboLiveInput(comfy_io.ComfyNode):
         image = frame_to_image(frame.pixels, width, height)
         state.last_use.ready_at = time.perf_counter()
         return comfy_io.NodeOutput(image)
+
+
+def free_dead_models(heap) -> bool:
+    """A model whose patcher is gone but which a reference cycle keeps alive is what ComfyUI's
+    ``cleanup_models_gc`` frees with ``gc.collect()``; with the heap frozen (live.heap) only a collection of the
+    frozen objects frees it. True when one was found (and collected)."""
+    if heap is None or not heap.frozen:
+        return False
+    if not any(loaded.is_dead() for loaded in list(comfy.model_management.current_loaded_models)):
+        return False
+    heap.collect()
+    return True
 
 
 class TurboLiveOutput(comfy_io.ComfyNode):

@@ -70,13 +70,13 @@ def check_prediction(name: str, state_dict: dict, prefix: str, config) -> None:
     SDXL-family files are v-prediction or EDM only by declaring it with a key, so forcing epsilon on
     them would give noise. SD20's guess is a weight statistic (std of output_blocks.11.1's norm1.bias
     > 0.09) that real SD-Turbo trips; it ignores ``v_pred`` keys, which ComfyUI writes when it saves a
-    model it guessed so (an SD-Turbo merge saved with core nodes). That one is overridden, with a warning.
+    model it guessed so (an SD-Turbo merge saved with core nodes). That one is overridden, with a note in the log.
     """
     detected = config.model_type(state_dict, prefix)       # what ComfyUI's own loader makes of it
     if detected == comfy.model_base.ModelType.EPS:
         return
     if type(config).__name__ == "SD20":
-        log.warning(
+        log.info(      # the expected case (real SD-Turbo trips it): a note, not a warning
             "comfy-turbo: ComfyUI's SD2 heuristic guesses v-prediction for '%s', as it does for real SD-Turbo; "
             "loading it as epsilon, as SD-Turbo is. If this is an SD 2.x 768-v model rather than SD-Turbo, use "
             "the core 'Load Checkpoint' node.", name)

@@ -263,7 +263,7 @@ SDXL_BASE_SCHEDULER_CONFIG = {
 }
 
 #: stabilityai/stable-diffusion-3.5-large-turbo: FlowMatchEulerDiscreteScheduler, shift 3.0 (the SD3 / SD3.5
-#: config; this model's own file was not found, see /work/shared/notes/families.md).
+#: config; this model's own file was not found, see the team notes' families.md).
 SD35_LARGE_TURBO_SCHEDULER_CONFIG = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
     "num_train_timesteps": 1000,

@@ -178,6 +178,27 @@ def test_lora_changes_keep_every_weight_in_place_on_the_fast_path(pack, model_fi
     assert plain_moved, "the plain path also kept its pointers: this test would not see a moved weight"
 
 
+def test_a_lora_changed_upstream_adopts_the_loaded_fast_paths_graphs(comfy, pack, model_files):
+    """LoRA loader -> Turbo Fast Path: a new strength makes a new fast-path clone, which takes over the state of
+    the one ComfyUI holds loaded: the same graphs replay, the weights stay put, the images follow the LoRA."""
+    ckpt = load(pack, model_files, SD_TURBO)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    ckpt.model.offload_device = OTHER_CPU
+    pointers = pack.fastpath.WeightPointers(ckpt.model.model)
+    backend = EmulatedGraphs(pointers)
+    first = pack.fastpath.apply_fast_path(lora_for(model_files, SD_TURBO, ckpt.model, 0.8), cuda_graphs=True,
+                                          graph_backend=backend)
+    sample(pack, first, cond)
+    state, loaded_at = pack.fastpath.fast_path_state(first), pointers()
+    second = pack.fastpath.apply_fast_path(lora_for(model_files, SD_TURBO, ckpt.model, 0.3), cuda_graphs=True,
+                                           graph_backend=backend)
+    assert pack.fastpath.fast_path_state(second) is state
+    ours = sample(pack, second, cond)
+    assert pointers() == loaded_at and backend.captured == 1 and state.graph_cache(backend).stats["replays"] == 3
+    close(ours, sample(pack, lora_for(model_files, SD_TURBO, ckpt.model, 0.3), cond))
+    assert rel_change(ours, sample(pack, first, cond)) > 0.01, "the new strength did not apply"
+
+
 # -- ComfyUI's unloads ----------------------------------------------------------------------------
 
 def test_comfyuis_unload_moves_the_fast_paths_weights_off_and_drops_its_state(comfy, pack, model_files):
@@ -244,6 +265,58 @@ def test_a_nested_object_patch_runs_without_a_graph(comfy, pack, model_files, ca
     assert "object patches a graph cannot follow (['diffusion_model.out.2'])" in caplog.text
     torch.testing.assert_close(ours, sample(pack, eager, cond), rtol=0, atol=1e-6)
     assert rel_change(ours, sample(pack, graphed, cond)) > 0.01, "the object patch did not apply"
+
+
+def test_a_lora_change_under_a_vram_budget_offloads_what_comfyui_does_not_count(comfy, pack, model_files):
+    """Re-patching in place is for a full load only: under a budget, ComfyUI loads part of the model and counts
+    that, so the model must go through its offload device as ComfyUI moves any model (the part it does not count
+    stays there). A full re-patch never moves it."""
+    import comfy.model_management as mm
+    ckpt = load(pack, model_files, SD_TURBO)
+    ckpt.model.offload_device = OTHER_CPU
+    base = ckpt.model.model
+    moves = []
+    move = base.to
+    base.to = lambda *args, **kwargs: (moves.append(args[:1]), move(*args, **kwargs))[1]
+
+    def repatch(strength, budget=None):
+        """What load_models_gpu does for a LoRA changed on the loaded model (LoadedModel.model_load)."""
+        new = lora_for(model_files, SD_TURBO, fast, strength)
+        for i, entry in enumerate(list(mm.current_loaded_models)):
+            if entry.model is not None and entry.model.model is base:
+                mm.current_loaded_models.pop(i)
+                entry.model.detach(unpatch_all=False)
+                entry.model_finalizer.detach()
+        extra = 1e32 if budget is None else budget - base.model_loaded_weight_memory
+        with torch.inference_mode():
+            new.partially_load(torch.device("cpu"), extra_memory=extra)
+        return new
+
+    fast = pack.fastpath.apply_fast_path(ckpt.model)
+    with torch.inference_mode():
+        mm.load_models_gpu([lora_for(model_files, SD_TURBO, fast, 1.0)])
+    moves.clear()
+    repatch(0.7)                                           # fully loaded, and again: in place
+    assert (OTHER_CPU,) not in moves and not base.model_lowvram
+    half = repatch(0.5, budget=fast.model_size() // 2)     # a budget: ComfyUI's own path
+    assert base.model_lowvram, "the budget should have made a partial load"
+    assert (OTHER_CPU,) in moves, "a partial load must unpatch onto the offload device, as ComfyUI does"
+    half.detach()
+    del base.to
+
+
+def test_a_partial_unload_drops_the_graphs_and_the_model_runs_without_them(comfy, pack, model_files, caplog):
+    ckpt = load(pack, model_files, SD_TURBO)
+    cond = pack.prompt_cache.encode(ckpt.clip, "a photo of a cat")
+    backend = EmulatedGraphs(pack.fastpath.WeightPointers(ckpt.model.model))
+    fast = pack.fastpath.apply_fast_path(ckpt.model, cuda_graphs=True, graph_backend=backend)
+    before = sample(pack, fast, cond)
+    state = pack.fastpath.fast_path_state(fast)
+    assert state.holds_graphs()
+    with torch.inference_mode():
+        freed = fast.partially_unload(OTHER_CPU, fast.model_size() // 2)
+    assert freed > 0 and not state.holds_graphs()
+    assert list(state.drops) == ["ComfyUI moved part of the model off its device to free memory"]
 
 
 # -- ComfyUI 0.33's dynamic VRAM -------------------------------------------------------------------

@@ -346,9 +346,11 @@ def test_another_nodes_attention_override_is_never_overwritten(pack, loaded, con
 
     other = ckpt.model.clone()
     other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sage_like
-    with pytest.raises(pack.loader.TurboError, match="Another node already replaced this model's attention .*"
-                                                     "set attention to 'comfy' to keep"):
-        pack.fastpath.apply_fast_path(other, attention="sdpa")
+    told = []
+    kept_by_sdpa = pack.fastpath.apply_fast_path(other, attention="sdpa", notify=told.append)
+    assert len(told) == 1 and "Another node already replaced this model's attention" in told[0] \
+        and "keeps it and does not use SDPA" in told[0] and "Set attention to 'comfy'" in told[0]
+    assert kept_by_sdpa.model_options["transformer_options"]["optimized_attention_override"] is sage_like
     with caplog.at_level(logging.INFO, logger="comfy_turbo"):
         kept = pack.fastpath.apply_fast_path(other, attention="comfy")
     assert "keeps another node's attention override" in caplog.text

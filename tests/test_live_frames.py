@@ -441,3 +441,37 @@ def test_a_heap_frozen_by_someone_else_is_left_to_them():
         assert not heap.frozen and gc.get_freeze_count() > 0           # not ours to unfreeze
     finally:
         gc.unfreeze()
+
+
+def test_a_model_that_dies_in_a_cycle_while_frozen_is_still_freed(comfy):
+    """ComfyUI frees such a model with gc.collect() (cleanup_models_gc), which a frozen heap defeats: the next
+    live run collects the frozen objects too (nodes.live.free_dead_models)."""
+    import gc
+    import weakref
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+
+    from comfy_turbo.live.heap import FrozenHeap
+    from comfy_turbo.nodes.live import free_dead_models
+
+    module = torch.nn.Linear(4, 4)
+    module.me = [module]                                   # a reference cycle, as ComfyUI warns of
+    patcher = comfy.model_patcher.ModelPatcher(module, torch.device("cpu"), torch.device("cpu"))
+    loaded = mm.LoadedModel(patcher)
+    loaded.real_model = weakref.ref(module)                # what LoadedModel.model_load records
+    alive = weakref.ref(module)
+    heap = FrozenHeap()
+    mm.current_loaded_models.append(loaded)
+    try:
+        heap.hold("a")
+        del module, patcher                                # ComfyUI dropped its patcher: the model is dead
+        assert loaded.is_dead() and not free_dead_models(None)
+        gc.collect()
+        assert alive() is not None, "frozen: ComfyUI's own collection cannot free it"
+        assert free_dead_models(heap) and alive() is None and heap.frozen
+        assert not free_dead_models(heap)                  # nothing dead any more: no second collection
+    finally:
+        mm.current_loaded_models.remove(loaded)
+        heap.release("a")

@@ -90,7 +90,7 @@ def test_sd_turbo_saved_by_core_nodes_with_their_v_pred_key_still_loads_as_epsil
     del model, clip, vae
     with safetensors.safe_open(str(path), "pt") as saved:
         assert "v_pred" in saved.keys()
-    with caplog.at_level(logging.WARNING, logger="comfy_turbo"):
+    with caplog.at_level(logging.INFO, logger="comfy_turbo"):
         ours = pack.loader.load_turbo_checkpoint(str(path))
     assert (ours.variant, ours.model.model.model_type) == ("sd-turbo", comfy.model_base.ModelType.EPS)
     assert "SD2 heuristic guesses v-prediction for 'sd-turbo-resaved.safetensors'" in caplog.text

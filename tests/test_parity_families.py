@@ -1,7 +1,7 @@
 """Family parity: ``samplers/families.py`` against diffusers' own schedulers, family by family.
 
 Each family's diffusers scheduler is configured as its authors configure it
-(:func:`parity_helpers.family_reference`, from /work/shared/notes/families.md and the model cards), and
+(:func:`parity_helpers.family_reference`, from the team notes' families.md and the model cards), and
 its timesteps are selected by the reference pipeline's own ``retrieve_timesteps`` / ``get_timesteps``.
 
 References (diffusers 0.35.2)
