@@ -9,7 +9,7 @@ from workflow_utils import (SD15, SD_TURBO, SDXL_TURBO, TURBO_CHECKPOINTS, load_
                             write_input_image)
 
 REPO = Path(__file__).resolve().parents[1]
-OUR_NODES = ["TurboCheckpointLoader", "TurboScheduler", "TurboEulerSampler", "TurboSampler",
+OUR_NODES = ["TurboCheckpointLoader", "TurboScheduler", "TurboFamilySchedule", "TurboEulerSampler", "TurboSampler",
              "TurboTextEncode", "TurboFastPath", "TurboVAEDecode", "TurboLiveInput", "TurboLiveOutput"]
 
 
