@@ -229,23 +229,8 @@ def inject_ancestral_noise(noises: Sequence[torch.Tensor]):
     """
     from diffusers.schedulers import scheduling_euler_ancestral_discrete as mod
 
-    queue = list(noises)
-    draws: list[tuple] = []
-    original = mod.randn_tensor
-
-    def fake_randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        draws.append(tuple(shape))
-        if len(draws) <= len(queue):
-            noise = queue[len(draws) - 1]
-            assert tuple(noise.shape) == tuple(shape), (noise.shape, shape)
-            return noise.to(device=device or "cpu", dtype=dtype or noise.dtype)
-        return torch.zeros(shape, dtype=dtype, device=device or "cpu")
-
-    mod.randn_tensor = fake_randn_tensor
-    try:
+    with inject_randn_tensor(mod, noises) as draws:
         yield draws
-    finally:
-        mod.randn_tensor = original
 
 
 # --------------------------------------------------------------------------------------------
