@@ -25,6 +25,8 @@ same, so core KSampler, SamplerCustom and this node agree.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.model_sampling
@@ -34,6 +36,7 @@ from comfy_api.latest import io
 from ..samplers import families as fam
 from ..samplers.schedule import NUM_TRAIN_TIMESTEPS
 from .errors import TurboError
+from .loader import FAMILY_ATTACHMENT
 from .sampler import TurboKSAMPLER
 
 # ComfyUI's model config class (or a base class of it) -> the architecture names families.py uses.
@@ -44,6 +47,8 @@ FLOW_FAMILIES = tuple(n for n in fam.FAMILY_NAMES if set(fam.FAMILIES[n].archite
 # The families the node offers (and the KSampler names follow).
 NODE_FAMILIES = tuple(fam.FAMILY_NAMES)
 FAMILY_SAMPLERS = ("lcm", "tcd", "ddim")   # the sampler kinds sample_turbo_family runs
+
+log = logging.getLogger("comfy_turbo")
 
 
 def _family_error(error: Exception) -> TurboError:
@@ -205,10 +210,21 @@ def family_sampler(schedule: fam.FamilySchedule):
         "sampler": schedule.sampler, "gamma": schedule.gamma, "ddim_steps": schedule.steps})
 
 
+def note_loaded_family(model, family: str) -> None:
+    """Log when ``family`` is not the one Load Turbo Checkpoint loaded the MODEL as: allowed (a merge may
+    sample well with another recipe), but never silent."""
+    get = getattr(model, "get_attachment", None)
+    loaded = get(FAMILY_ATTACHMENT) if get is not None else None
+    if loaded is not None and loaded != family:
+        log.warning("comfy-turbo: Turbo Family Schedule samples a model loaded as %s with the %s recipe; "
+                    "set the same family on both nodes unless you mean to.", loaded, family)
+
+
 def family_outputs(model, family: str, steps: int, strength: float = 1.0, gamma: float = -1.0):
     """(MODEL, SIGMAS, SAMPLER) of Turbo Family Schedule; ``gamma`` < 0 is the family's default."""
     if family not in NODE_FAMILIES:
         raise TurboError(f"Unknown family {family!r}: use one of {', '.join(NODE_FAMILIES)}.")
+    note_loaded_family(model, family)
     gamma = None if gamma is None or gamma < 0 else float(gamma)
     schedule = family_model_schedule(model, family, steps, strength, gamma)
     out_model = x0_model(model) if schedule.prediction == "sample" else model

@@ -481,3 +481,63 @@ def test_the_node_schema_is_valid_and_its_id_is_no_built_in(pack, comfy):
     assert not [p for p in sources if "TurboFamilySchedule" in p.read_text(errors="ignore")]
     from comfy_turbo.nodes import NODE_LIST
     assert "TurboFamilySchedule" in [c.define_schema().node_id for c in NODE_LIST]
+
+
+# --- Load Turbo Checkpoint's family input (part 3) --------------------------------------------------
+
+@pytest.mark.parametrize("ckpt,family,variant,side", [
+    (SDXL_TURBO, "turbo", "sdxl-turbo", 512),
+    (SD_TURBO, "turbo", "sd-turbo", 512),
+    (SDXL_TURBO, "sdxl-lightning", "sdxl-lightning", 1024),
+    (SDXL_TURBO, "dmd2", "dmd2", 1024),
+    (SDXL_TURBO, "hyper-sd-1step-unet", "hyper-sd-1step-unet", 1024),
+    (SD15, "lcm", "lcm", 512),
+    (SD15, "hyper-sd-unified", "hyper-sd-unified", 512),
+])
+def test_the_loader_takes_a_distillation_merge_as_the_family_chosen(pack, model_files, ckpt, family, variant, side):
+    loaded = pack.loader.load_turbo_checkpoint(str(model_files[ckpt]), "default", family)
+    assert (loaded.variant, loaded.width, loaded.height) == (variant, side, side)
+    assert loaded.model.get_attachment(pack.loader.FAMILY_ATTACHMENT) == variant
+    assert loaded.model.clone().get_attachment(pack.loader.FAMILY_ATTACHMENT) == variant   # clones keep it
+    # epsilon, with the discrete table Turbo Family Schedule reads, whatever ComfyUI guessed
+    import comfy.model_base
+    assert loaded.model.model.model_type == comfy.model_base.ModelType.EPS
+    _, sigmas, _ = node(pack, loaded.model, variant, F.FAMILIES[variant].steps[-1] if variant != "lcm" else 4)
+    assert float(sigmas[-1]) == 0.0 and len(sigmas) > 1
+    # ComfyUI 0.33's reload factory (non-dynamic / per-GPU copies) keeps the family too
+    factory, args = loaded.model.cached_patcher_init
+    assert factory(*args).get_attachment(pack.loader.FAMILY_ATTACHMENT) == variant
+
+
+@pytest.mark.parametrize("ckpt,family,message", [
+    (SDXL_TURBO, "sd-turbo", r"is a SDXL checkpoint \(ComfyUI's SDXL\), but sd-turbo models are SD 2\.x\. "
+                             r"Pick the family .*families for SDXL: sdxl-turbo, sdxl-lightning, dmd2"),
+    (SD_TURBO, "dmd2", r"is a SD 2\.x checkpoint \(ComfyUI's SD20\), but dmd2 models are SDXL.*families for "
+                       r"SD 2\.x: sd-turbo"),
+    (SD15, "dmd2", r"is a SD 1\.x checkpoint .*families for SD 1\.x: hyper-sd, hyper-sd-unified, lcm, tcd, pcm"),
+    (SD15, "turbo", r"is a SD15 checkpoint, not SD-Turbo .* If it is a hyper-sd, hyper-sd-unified, lcm, tcd, pcm "
+                    r"model, set family to that"),
+    (SDXL_TURBO, "flux.1-schnell", r"Unknown family 'flux\.1-schnell': use one of turbo, sd-turbo"),
+])
+def test_the_loader_refuses_a_family_the_file_cannot_be(pack, model_files, ckpt, family, message):
+    with pytest.raises(pack.loader.TurboError, match=message):
+        pack.loader.load_turbo_checkpoint(str(model_files[ckpt]), "default", family)
+
+
+def test_sampling_a_model_as_another_family_than_it_was_loaded_as_is_logged(pack, model_files, caplog):
+    loaded = pack.loader.load_turbo_checkpoint(str(model_files[SDXL_TURBO]), "default", "dmd2")
+    with caplog.at_level("WARNING", logger="comfy_turbo"):
+        node(pack, loaded.model, "dmd2", 4)
+    assert not [r for r in caplog.records if "recipe" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="comfy_turbo"):
+        node(pack, loaded.model, "lcm", 4)
+    assert [r for r in caplog.records if "loaded as dmd2 with the lcm recipe" in r.getMessage()]
+
+
+def test_the_loader_family_input_is_optional_so_older_workflows_load(pack):
+    inputs = pack.loader.TurboCheckpointLoader.INPUT_TYPES()
+    assert list(inputs["required"]) == ["ckpt_name", "weight_dtype"]
+    assert list(inputs["optional"]) == ["family"]
+    assert inputs["optional"]["family"][1]["default"] == "turbo"
+    kind, options = inputs["optional"]["family"]
+    assert (options.get("options") if kind == "COMBO" else kind) == list(pack.loader.LOADER_FAMILIES)

@@ -126,8 +126,9 @@ def test_loader_refuses_an_sdxl_checkpoint_declaring_another_prediction(comfy, p
     del stock
     path = tmp_path / f"sdxl-{case}.safetensors"
     comfy.utils.save_torch_file(sd, str(path))                        # ComfyUI's own writer
-    with pytest.raises(pack.loader.TurboError, match=refusal + r".*are epsilon-prediction models, so it is not a "
-                                                               r"Turbo checkpoint. Load it with the core 'Load Checkpoint'"):
+    with pytest.raises(pack.loader.TurboError, match=refusal + r".*, but sdxl-turbo models predict epsilon .*so it is "
+                                                               r"not a sdxl-turbo checkpoint. Load it with the core "
+                                                               r"'Load Checkpoint'"):
         pack.loader.load_turbo_checkpoint(str(path))
 
 
