@@ -87,8 +87,11 @@ def with_size_conditioning(conditioning: list, width: int, height: int) -> list:
 
 
 def turbo_sample(model, positive, latent: dict, sigmas: torch.Tensor, seed: int, eta: float = 1.0,
-                 s_noise: float = 1.0, noise_scale: str = "diffusers") -> dict:
-    """Sample a LATENT with positive conditioning only: one model call per step, no CFG."""
+                 s_noise: float = 1.0, noise_scale: str = "diffusers", sampler=None) -> dict:
+    """Sample a LATENT with positive conditioning only: one model call per step, no CFG.
+
+    ``sampler``: a KSAMPLER to run instead of Turbo Euler (Turbo Family Schedule's SAMPLER, whose family
+    sets its own eta and initial noise); ``eta``, ``s_noise`` and ``noise_scale`` then do not apply."""
     check_sigmas(sigmas)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     check_latent(model, samples)
@@ -100,7 +103,8 @@ def turbo_sample(model, positive, latent: dict, sigmas: torch.Tensor, seed: int,
     guider.inner_set_conds({"positive": with_size_conditioning(positive, width, height)})
     guider.set_cfg(1.0)
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1, {})
-    result = guider.sample(noise, samples, TurboKSAMPLER(eta, s_noise, noise_scale), sigmas,
+    sampler = TurboKSAMPLER(eta, s_noise, noise_scale) if sampler is None else sampler
+    result = guider.sample(noise, samples, sampler, sigmas,
                            denoise_mask=latent.get("noise_mask"), callback=callback,
                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out = latent.copy()
@@ -158,15 +162,21 @@ class TurboSampler(io.ComfyNode):
                                                           "There is no negative: guidance is off."),
                 io.Latent.Input("latent_image", tooltip="Empty Latent Image for text-to-image, VAE Encode for "
                                                         "image-to-image (with strength < 1 on the scheduler)."),
-                io.Sigmas.Input("sigmas", tooltip="From Turbo Scheduler."),
+                io.Sigmas.Input("sigmas", tooltip="From Turbo Scheduler, or Turbo Family Schedule's SIGMAS."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of the initial and ancestral noise."),
                 _eta_input(), _s_noise_input(), _noise_scale_input(),
+                io.Sampler.Input("sampler", optional=True,
+                                 tooltip="Optional: Turbo Family Schedule's SAMPLER (with its MODEL and SIGMAS), to "
+                                         "sample any SD / SDXL few-step family here (the flow families run in "
+                                         "SamplerCustomAdvanced). eta, s_noise and noise_scale are then "
+                                         "the family's and the three widgets do not apply."),
             ],
             outputs=[io.Latent.Output(tooltip="The denoised latent, for VAE Decode.")],
         )
 
     @classmethod
     def execute(cls, model, positive, latent_image, sigmas, seed, eta=1.0, s_noise=1.0,
-                noise_scale="diffusers") -> io.NodeOutput:
-        return io.NodeOutput(turbo_sample(model, positive, latent_image, sigmas, seed, eta, s_noise, noise_scale))
+                noise_scale="diffusers", sampler=None) -> io.NodeOutput:
+        return io.NodeOutput(turbo_sample(model, positive, latent_image, sigmas, seed, eta, s_noise, noise_scale,
+                                          sampler))

@@ -46,6 +46,28 @@ MODEL_SOURCES = {
     ("vae_approx", "taesd_decoder.pth"): "https://github.com/madebyollin/taesd/raw/main/taesd_decoder.pth",
     ("vae_approx", "taesdxl_encoder.pth"): "https://github.com/madebyollin/taesd/raw/main/taesdxl_encoder.pth",
     ("vae_approx", "taesdxl_decoder.pth"): "https://github.com/madebyollin/taesd/raw/main/taesdxl_decoder.pth",
+    # The other few-step families (issue 20)
+    ("checkpoints", "sd_xl_base_1.0.safetensors"):
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    ("checkpoints", "sdxl_lightning_4step.safetensors"):
+        "https://huggingface.co/ByteDance/SDXL-Lightning/resolve/main/sdxl_lightning_4step.safetensors",
+    ("loras", "dmd2_sdxl_4step_lora.safetensors"):
+        "https://huggingface.co/tianweiy/DMD2/resolve/main/dmd2_sdxl_4step_lora.safetensors",
+    ("loras", "Hyper-SDXL-1step-lora.safetensors"):
+        "https://huggingface.co/ByteDance/Hyper-SD/resolve/main/Hyper-SDXL-1step-lora.safetensors",
+    ("loras", "lcm-lora-sdxl.safetensors"):
+        "https://huggingface.co/latent-consistency/lcm-lora-sdxl/resolve/main/pytorch_lora_weights.safetensors",
+    ("checkpoints", "sd3.5_large_turbo.safetensors"):
+        "https://huggingface.co/stabilityai/stable-diffusion-3.5-large-turbo/resolve/main/sd3.5_large_turbo.safetensors",
+    ("text_encoders", "clip_g.safetensors"):
+        "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/text_encoders/clip_g.safetensors",
+    ("text_encoders", "clip_l.safetensors"):
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"):
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn.safetensors",
+    ("diffusion_models", "flux1-schnell.safetensors"):
+        "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/flux1-schnell.safetensors",
+    ("vae", "ae.safetensors"): "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors",
 }
 
 # Which widget of which loader names a file in which models/ folder.
@@ -53,8 +75,15 @@ MODEL_WIDGETS = {
     ("TurboCheckpointLoader", "ckpt_name"): "checkpoints",
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
     ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
     ("ControlNetLoader", "control_net_name"): "controlnet",
     ("VAELoader", "vae_name"): "vae",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("TripleCLIPLoader", "clip_name1"): "text_encoders",
+    ("TripleCLIPLoader", "clip_name2"): "text_encoders",
+    ("TripleCLIPLoader", "clip_name3"): "text_encoders",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
 }
 # VAELoader's TAESD entries are not files: each needs an encoder and a decoder in models/vae_approx.
 TAESD_FILES = {name: [f"{name}_encoder.pth", f"{name}_decoder.pth"] for name in ("taesd", "taesdxl")}
@@ -65,6 +94,14 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_ID = 100
 
 
+TURBO_LICENCE = ("Stability AI's Turbo weights are under their non-commercial community licence; "
+                 "read it on the model page first.")
+FAMILY_GRAPH = [["note", "1"], ["2", "3", "4"], ["5", "6", "7"], ["8", "9"]]
+FAMILY_LORA_GRAPH = [["note", "1", "10"], ["2", "3", "4"], ["5", "6", "7"], ["8", "9"]]
+FAMILY_SAMPLING = ("*Turbo Family Schedule* gives the family's sigmas, its sampler and the model; *Basic Guider* "
+                   "(no negative prompt, no CFG) and *SamplerCustomAdvanced* run them, one model call per step.")
+
+
 @dataclass
 class Spec:
     """What the UI file adds to an API twin."""
@@ -72,6 +109,7 @@ class Spec:
     title: str
     about: str                     # Markdown, first part of the note
     layout: list = field(default_factory=list)   # columns of node ids, left to right
+    licence: str = TURBO_LICENCE   # the note's last line
 
 
 SPECS = [
@@ -129,21 +167,64 @@ SPECS = [
          "every edit re-runs the graph, edits made while a frame runs fold into one follow-up, and the "
          "image follows as you type. The prompt memo of *Turbo Text Encode* and TAESDXL decoding keep "
          "each frame short. Frames reach the panel over the websocket as JPEG: nothing is saved to disk. "
-         "Change anything in the graph while it runs (steps, seed, a LoRA) and the next frame shows it.",
+         "Change anything in the graph while it runs (steps, seed, a LoRA) and the next frame shows it."
+         " *Turbo Family Schedule* takes any SD 2.x / SDXL few-step family: for a DMD2, Lightning, Hyper-SD or LCM model, set its family there and on *Load Turbo Checkpoint*, and the steps it supports.",
          [["note", "1"], ["2", "3", "4"], ["5", "15"], ["6", "7"]]),
     Spec("turbo_live_webcam", "Turbo Live: webcam image-to-image (SD-Turbo)",
          "Press **Live** in the *Turbo Live* panel and allow the camera: each webcam frame goes to "
          "*Turbo Live Input* in memory (no upload), is encoded with TAESD, denoised in 1 step (steps 2, "
          "strength 0.5: t=499) and shown as it comes back. The newest frame always wins; the panel caps "
          "the frame rate and skips frames almost equal to the last one. Type in the panel's prompt box to "
-         "restyle it live.",
+         "restyle it live."
+         " *Turbo Family Schedule* takes any SD 2.x / SDXL few-step family: for a DMD2, Lightning, Hyper-SD or LCM model, set its family there and on *Load Turbo Checkpoint*, and the steps it supports.",
          [["note", "1"], ["8", "2", "15"], ["9", "4"], ["5"], ["6", "7"]]),
     Spec("turbo_live_paint", "Turbo Live: paint and watch (SDXL-Turbo)",
          "Press **Live** in the *Turbo Live* panel and paint on its canvas: each stroke sends the canvas "
          "to *Turbo Live Input* and the picture is redrawn in 1 step (steps 2, strength 0.5: t=499). Pick "
          "a colour and brush size in the panel; *Clear* starts over. Type in the prompt box to change "
-         "what it paints.",
+         "what it paints."
+         " *Turbo Family Schedule* takes any SD 2.x / SDXL few-step family: for a DMD2, Lightning, Hyper-SD or LCM model, set its family there and on *Load Turbo Checkpoint*, and the steps it supports.",
          [["note", "1"], ["8", "2", "15"], ["9", "4"], ["5"], ["6", "7"]]),
+]
+SPECS += [
+    Spec("turbo_lightning", "SDXL-Lightning: 4 steps",
+         "ByteDance's SDXL-Lightning 4-step checkpoint, sampled as its authors do: trailing Euler at 999, 749, "
+         "499, 249. *Load Turbo Checkpoint* with family `sdxl-lightning` (the weights cannot say which "
+         "distillation they are) gives the native 1024x1024. " + FAMILY_SAMPLING + " For the 1-step checkpoint "
+         "set steps to 1: the schedule then patches the model to predict x0, as the authors' scheduler does "
+         "(`prediction_type=\"sample\"`). The 2- and 8-step files work the same way.",
+         FAMILY_GRAPH, "SDXL-Lightning is under the OpenRAIL++ licence; read it on the model page."),
+    Spec("turbo_dmd2", "DMD2: SDXL in 4 steps with the DMD2 LoRA",
+         "The SDXL base model with DMD2's 4-step LoRA, sampled as the DMD2 authors do: LCM's sampler at "
+         "timesteps 999, 749, 499, 249. " + FAMILY_SAMPLING + " For DMD2's 1-step UNet (t=399), load it with "
+         "family `dmd2` and set steps to 1: it starts from unit noise, as diffusers does, where ComfyUI's "
+         "own noise scaling would be 24 % too small.",
+         FAMILY_LORA_GRAPH, "DMD2's weights are under a non-commercial licence (CC BY-NC); read it on the "
+                            "model page. The SDXL base model is under OpenRAIL++."),
+    Spec("turbo_hyper_sd_tcd", "Hyper-SD: SDXL in 1 step with the unified LoRA and TCD",
+         "The SDXL base model with Hyper-SD's unified LoRA, sampled as its authors do: the TCD sampler, which "
+         "ComfyUI has no core node for. *gamma* is TCD's stochasticity (diffusers' `eta`): -1 keeps the "
+         "family's 1.0; use lower values with more steps (1 to 8). " + FAMILY_SAMPLING + " Hyper-SD's 2-, 4- "
+         "and 8-step LoRAs take family `hyper-sd` (DDIM trailing) instead.",
+         FAMILY_LORA_GRAPH, "Hyper-SD's weights are on ByteDance's model page with their licence; the SDXL "
+                            "base model is under OpenRAIL++."),
+    Spec("turbo_lcm_lora", "LCM-LoRA: SDXL in 4 steps",
+         "The SDXL base model with the LCM-LoRA, on LCM's own timestep grid (19 + 20k: 999, 759, 499, 259 at "
+         "4 steps), where the common `sgm_uniform` advice lands elsewhere. " + FAMILY_SAMPLING + " Any SDXL "
+         "model works with the LoRA; LCM takes 1 to 8 steps.",
+         FAMILY_LORA_GRAPH, "The LCM-LoRA and the SDXL base model are under OpenRAIL++."),
+    Spec("turbo_sd35_large_turbo", "SD3.5 Large Turbo: 4 steps",
+         "Stability AI's SD3.5 Large Turbo through ComfyUI's own loaders, sampled as Stability's reference does: "
+         "flow Euler at shift 3, 4 steps, about 1 megapixel. " + FAMILY_SAMPLING + " The T5-XXL text encoder "
+         "in fp8 keeps memory down; `t5xxl_fp16.safetensors` works too.",
+         [["note", "1", "11"], ["2", "3", "4"], ["5", "6", "7"], ["8", "9"]],
+         "SD3.5 Large Turbo is under Stability AI's community licence; read it on the model page first."),
+    Spec("turbo_flux_schnell", "FLUX.1-schnell: 4 steps",
+         "Black Forest Labs' FLUX.1-schnell through ComfyUI's own loaders, sampled as its scheduler config says: "
+         "flow Euler at shift 1 (no dynamic shift), sigmas 1, 0.75, 0.5, 0.25. " + FAMILY_SAMPLING + " schnell "
+         "takes 1 to 4 steps and no guidance.",
+         [["note", "1", "11", "12"], ["2", "3", "4"], ["5", "6", "7"], ["8", "9"]],
+         "FLUX.1-schnell is under the Apache 2.0 licence."),
 ]
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
@@ -233,8 +314,7 @@ def note_text(spec: Spec, api: dict) -> str:
         for entry in entries:
             lines.append(f"- [{entry['name']}]({entry['url']})")
         lines.append("")
-    lines.append("Stability AI's Turbo weights are under their non-commercial community licence; "
-                 "read it on the model page first.")
+    lines.append(spec.licence)
     return "\n".join(lines)
 
 
@@ -279,6 +359,8 @@ def build_ui(spec: Spec, api: dict, object_info: dict, version: str | None = Non
                 if is_link(value):
                     inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
                     value = options.get("default")   # the widget keeps a value while its socket is linked
+                elif value is None and optional and "default" in options:
+                    value = options["default"]       # an optional widget the API twin leaves at its default
                 elif value is None:
                     raise KeyError(f"{spec.name}: node {node_id} ({class_type}) gives no value for {name}")
                 widgets_values.append(value)

@@ -114,6 +114,7 @@ class ComfyHost:
     def install_model(self, source: Path, folder: str, name: str | None = None) -> str:
         """Link a model file into models/<folder>/ and return the name ComfyUI lists it under."""
         target = self.models_dir / folder / (name or Path(source).name)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or target.exists():
             target.unlink()
         target.symlink_to(Path(source).resolve())

@@ -89,14 +89,21 @@ NOTICES = """(roles) => Array.from(document.querySelectorAll(roles.map(r => `[ro
   .filter(e => e.getClientRects().length > 0 && e.innerText.trim()).map(e => e.innerText.trim().slice(0, 400))"""
 LOAD_NOTICE_ROLES = ["dialog", "alertdialog", "alert", "status"]
 RUN_NOTICE_ROLES = ["dialog", "alertdialog", "alert"]     # "1 job completed" may be a status
-# Test-only: queue the graph with every Empty Latent Image at a small size (the graph itself keeps 512).
+# Test-only: queue the graph with every Empty Latent Image at a small size (the graph itself keeps 512), and
+# a T5 text-encoder loader replaced by ComfyUI's T5-less SD3 text path (workflow_utils.flow_stand_in_text).
 SHRINK_QUEUED_PROMPT = """
 (size) => {
   const toPrompt = app.graphToPrompt.bind(app);
   app.graphToPrompt = async (...args) => {
     const prompt = await toPrompt(...args);
     for (const node of Object.values(prompt.output)) {
-      if (node.class_type === 'EmptyLatentImage') { node.inputs.width = size; node.inputs.height = size; }
+      if (node.class_type === 'EmptyLatentImage' || node.class_type === 'EmptySD3LatentImage') {
+        node.inputs.width = size; node.inputs.height = size;
+      }
+      if (node.class_type === 'TripleCLIPLoader' || node.class_type === 'DualCLIPLoader') {
+        node.class_type = 'CLIPLoader';
+        node.inputs = {clip_name: 'clip_l.safetensors', type: 'sd3'};
+      }
     }
     return prompt;
   };
@@ -286,8 +293,8 @@ def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
 
     save_id = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
-    batch = node_of(api, "EmptyLatentImage")["inputs"]["batch_size"] if any(
-        n["class_type"] == "EmptyLatentImage" for n in api.values()) else 1
+    latents = [n for n in api.values() if n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage")]
+    batch = latents[0]["inputs"]["batch_size"] if latents else 1
     assert len(entry["outputs"][save_id]["images"]) == batch
     # The web UI received the result and shows every image on the Save Image node.
     page.page.wait_for_function(

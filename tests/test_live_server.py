@@ -209,6 +209,28 @@ def test_live_twin_streams_frames_at_its_size_with_taesd(host, user_models, name
         assert loop.outputs[0].image != loop.outputs[1].image
 
 
+def test_a_live_session_samples_a_dmd2_model(host, user_models):
+    """The live text-to-image twin with the DMD2 recipe (issue 20): Load Turbo Checkpoint and Turbo Family
+    Schedule set to dmd2 at 4 steps (LCM's sampler at 999/749/499/249, unit initial noise) streams pictures,
+    and they are not the SDXL-Turbo recipe's at the same seed and text."""
+    session = "twin-dmd2"
+    turbo = live_twin("turbo_live_txt2img", session, TEST_SIZE)
+    dmd2 = copy.deepcopy(turbo)
+    node_of(dmd2, "TurboCheckpointLoader")["inputs"]["family"] = "dmd2"
+    node_of(dmd2, "TurboFamilySchedule")["inputs"].update(family="dmd2", steps=4)
+    with LiveClient(host.url, session) as client:
+        loop = ServerLoop(client, dmd2)
+        loop.edit(with_text(dmd2, "a lighthouse at dusk"))
+        wait_for(loop, lambda: len(loop.outputs) > 0, timeout=300)
+        loop.edit(with_text(turbo, "a lighthouse at dusk"))
+        wait_for(loop, lambda: len(loop.outputs) > 1, timeout=300)
+        assert not loop.errors
+        with Image.open(io.BytesIO(loop.outputs[0].image)) as img:
+            assert (img.format, img.size) == ("JPEG", (TEST_SIZE, TEST_SIZE))
+        assert loop.outputs[0].image != loop.outputs[1].image
+    assert "with the sdxl-turbo recipe" not in host.log_path.read_text()     # loader and schedule agree
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 def test_a_50_frame_loop_on_a_tiny_model(host, user_models):

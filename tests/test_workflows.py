@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_DIR_NAME
-from workflow_utils import (TEST_SIZE, UI_DIR, USER_MODEL_STAND_INS, gallery_names, gallery_names_by_checkpoint,
-                            live_names, load_api_twin, load_ui, node_of, png_pixels, png_size, sampling_steps, shrink)
+from workflow_utils import (MODEL_LOADERS, TEST_SIZE, UI_DIR, USER_MODEL_STAND_INS, flow_stand_in_text, gallery_names,
+                            gallery_names_by_checkpoint, live_names, load_api_twin, load_ui, node_of, png_pixels,
+                            png_size, sampling_steps, shrink)
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = gallery_names()
@@ -37,7 +38,10 @@ def test_the_gallery_has_every_workflow_of_the_issue():
     assert NAMES == sorted([
         "turbo_txt2img", "turbo_txt2img_sd", "turbo_img2img", "turbo_lora_stack", "turbo_controlnet_canny",
         "turbo_taesd_fast_decode", "turbo_taesdxl_fast_decode", "turbo_4step_quality", "turbo_batch4",
-        "turbo_hires_fix", "turbo_inpaint", "turbo_live_txt2img", "turbo_live_webcam", "turbo_live_paint"])
+        "turbo_hires_fix", "turbo_inpaint", "turbo_live_txt2img", "turbo_live_webcam", "turbo_live_paint",
+        # the other few-step families (issue 20)
+        "turbo_lightning", "turbo_dmd2", "turbo_hyper_sd_tcd", "turbo_lcm_lora", "turbo_sd35_large_turbo",
+        "turbo_flux_schnell"])
     assert sorted(p.name for p in (UI_DIR / "api").glob("*.json")) == sorted(f"{n}_api.json" for n in NAMES)
 
 
@@ -168,7 +172,7 @@ def test_every_model_a_workflow_names_has_a_public_download(name):
     for entry in entries:
         assert MODEL_URL.fullmatch(entry["url"]), entry
         assert (entry["directory"], entry["name"]) in USER_MODEL_STAND_INS, entry
-    loaders = [n for n in workflow["nodes"] if n["type"] == "TurboCheckpointLoader"]
+    loaders = [n for n in workflow["nodes"] if n["type"] in MODEL_LOADERS]
     assert loaders and all(n["properties"].get("models") for n in loaders)
 
 
@@ -251,7 +255,7 @@ def _check_twin_run(host, name, prompt):
     """Run a (shrunk) API twin: one image per latent in the batch at the test size, as many steps as it asks."""
     result = _run(host, prompt, f"test/workflows/{name}")
     images = result.images()
-    latents = [n for n in prompt.values() if n["class_type"] == "EmptyLatentImage"]
+    latents = [n for n in prompt.values() if n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage")]
     assert len(images) == (latents[0]["inputs"]["batch_size"] if latents else 1)
     for image in images:
         assert png_size(host.view(image)) == (TEST_SIZE, TEST_SIZE)
@@ -273,7 +277,7 @@ RUN_IN_OWN_TEST = ("turbo_lora_stack", "turbo_controlnet_canny", "turbo_taesdxl_
 
 @pytest.mark.parametrize("name", [n for n in gallery_names_by_checkpoint() if n not in RUN_IN_OWN_TEST])
 def test_api_twin_runs_to_an_image(host, user_models, name):
-    _check_twin_run(host, name, shrink(load_api_twin(name)))
+    _check_twin_run(host, name, shrink(flow_stand_in_text(load_api_twin(name))))
 
 
 def test_stacked_loras_each_change_the_output_and_strength_zero_does_not(host, user_models):

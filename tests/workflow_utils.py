@@ -72,7 +72,27 @@ USER_MODEL_STAND_INS = {
     ("vae_approx", "taesd_decoder.pth"): "taesd_decoder.safetensors",
     ("vae_approx", "taesdxl_encoder.pth"): "taesdxl_encoder.safetensors",
     ("vae_approx", "taesdxl_decoder.pth"): "taesdxl_decoder.safetensors",
+    # The other few-step families: SDXL distillations and LoRAs on the SDXL stand-ins, the flow models on
+    # tiny SD3 / FLUX.1-schnell stand-ins with a 16-channel VAE and the CLIP-L / CLIP-G encoders.
+    ("checkpoints", "sd_xl_base_1.0.safetensors"): "sdxl-turbo-tiny.safetensors",
+    ("checkpoints", "sdxl_lightning_4step.safetensors"): "sdxl-turbo-tiny.safetensors",
+    ("loras", "dmd2_sdxl_4step_lora.safetensors"): "sdxl-turbo-tiny-unet-lora.safetensors",
+    ("loras", "Hyper-SDXL-1step-lora.safetensors"): "sdxl-turbo-tiny-unet-lora.safetensors",
+    ("loras", "lcm-lora-sdxl.safetensors"): "sdxl-turbo-tiny-unet-lora.safetensors",
+    ("checkpoints", "sd3.5_large_turbo.safetensors"): "sd3-tiny.safetensors",
+    ("diffusion_models", "flux1-schnell.safetensors"): "flux-schnell-tiny.safetensors",
+    ("vae", "ae.safetensors"): "flow-vae-tiny.safetensors",
+    ("text_encoders", "clip_l.safetensors"): "clip-l-tiny.safetensors",
+    ("text_encoders", "clip_g.safetensors"): "clip-g-tiny.safetensors",
+    # Listed only, so the workflows' widgets validate: T5-XXL (4.7B parameters) cannot be a stand-in here, and the
+    # flow twins run with ComfyUI's T5-less SD3 text path instead (flow_stand_in_text below).
+    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"): "clip-l-tiny.safetensors",
 }
+
+# The nodes that load a workflow's diffusion model, and the widget naming its file.
+MODEL_LOADERS = {"TurboCheckpointLoader": ("checkpoints", "ckpt_name"),
+                 "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"), "UNETLoader": ("diffusion_models", "unet_name")}
+T5_TEXT_LOADERS = ("TripleCLIPLoader", "DualCLIPLoader")
 
 
 def gallery_names() -> list[str]:
@@ -83,8 +103,29 @@ def gallery_names() -> list[str]:
 def gallery_names_by_checkpoint() -> list[str]:
     """The gallery grouped by the checkpoint it loads, so a server loads each model once."""
     def key(name):
-        return node_of(load_api_twin(name), "TurboCheckpointLoader")["inputs"]["ckpt_name"], name
+        return model_stand_in(load_api_twin(name)), name
     return sorted(gallery_names(), key=key)
+
+
+def model_stand_in(prompt: dict) -> str:
+    """The stand-in file of the diffusion model a prompt loads (its first model loader)."""
+    for node in prompt.values():
+        if node["class_type"] in MODEL_LOADERS:
+            folder, widget = MODEL_LOADERS[node["class_type"]]
+            return USER_MODEL_STAND_INS[(folder, node["inputs"][widget])]
+    raise KeyError("the prompt loads no diffusion model")
+
+
+def flow_stand_in_text(prompt: dict) -> dict:
+    """The same prompt with its T5 text-encoder loader (TripleCLIPLoader, DualCLIPLoader flux) replaced by
+    ComfyUI's T5-less SD3 text path, CLIPLoader clip_l type sd3 (77 x 4096 context, 2048 pooled: the
+    widths the SD3 and FLUX.1-schnell stand-ins take). T5-XXL (4.7B parameters) does not fit a test run."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] in T5_TEXT_LOADERS:
+            node["class_type"] = "CLIPLoader"
+            node["inputs"] = {"clip_name": "clip_l.safetensors", "type": "sd3"}
+    return prompt
 
 
 def load_ui(name: str) -> dict:
@@ -108,14 +149,16 @@ def shrink(prompt: dict, size: int = TEST_SIZE) -> dict:
     """The same prompt with every Empty Latent Image and Turbo Live Input at size x size (linked sizes replaced)."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
-        if node["class_type"] in ("EmptyLatentImage", "TurboLiveInput"):
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage", "TurboLiveInput"):
             node["inputs"].update(width=size, height=size)
     return prompt
 
 
 def sampling_steps(prompt: dict) -> int:
-    """How many steps the prompt's Turbo Scheduler runs: int(steps * strength)."""
-    inputs = node_of(prompt, "TurboScheduler")["inputs"]
+    """How many steps the prompt's Turbo Scheduler (or Turbo Family Schedule) runs: int(steps * strength)."""
+    schedulers = [n for n in prompt.values() if n["class_type"] in ("TurboScheduler", "TurboFamilySchedule")]
+    assert len(schedulers) == 1, f"expected one Turbo Scheduler or Turbo Family Schedule, found {len(schedulers)}"
+    inputs = schedulers[0]["inputs"]
     return int(inputs["steps"] * inputs["strength"])
 
 
