@@ -7,6 +7,8 @@
 * :func:`setup_comfyui`: puts the real ComfyUI (``$COMFYUI_PATH``) on ``sys.path`` and forces CPU.
 * :func:`comfy_model_sampling`: ComfyUI's own ``model_sampling`` object for the SD2.x (``SD20``) or
   ``SDXL`` model config, built in-process with no weights.
+* :func:`diffusers_unet_from_comfy_config`: diffusers' ``UNet2DConditionModel`` with the architecture ComfyUI
+  detected and the same weights (``comfy.utils.unet_to_diffusers``), for the model-level parity tests.
 * :func:`load_repo_module`: import one of this repo's modules by path (the repo's ``nodes/`` package
   would clash with ComfyUI's top-level ``nodes.py``).
 * :func:`diffusers_img2img_timesteps`: the real ``StableDiffusion(XL)Img2ImgPipeline.get_timesteps``
@@ -174,6 +176,76 @@ class ModelSamplingStub:
         if name != "model_sampling":
             raise KeyError(name)
         return self.model_sampling
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers' UNet with the weights ComfyUI loaded
+# --------------------------------------------------------------------------------------------
+def diffusers_unet_from_comfy_config(unet_config: dict, ldm_unet_sd: dict):
+    """A diffusers ``UNet2DConditionModel`` with ComfyUI's detected architecture and the same weights.
+
+    Architecture: block channels, res blocks and per-layer transformer depths from ComfyUI's
+    ``unet_config`` (comfy/model_detection.py ``detect_unet_config``; head size 64 from the
+    supported_models class). Weights: ``comfy.utils.unet_to_diffusers(unet_config)`` maps each
+    diffusers key to its LDM key; every diffusers parameter must be found and every LDM key used.
+    """
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_blocks import get_mid_block
+
+    cfg = unet_config
+    mc, mult, nrb = cfg["model_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
+    levels = len(mult)
+    assert len(set(nrb)) == 1, nrb
+    layers = nrb[0]
+    depth_in = [cfg["transformer_depth"][lvl * layers] for lvl in range(levels)]
+    assert cfg["transformer_depth"] == [d for d in depth_in for _ in range(layers)]
+    # transformer_depth_output is consumed from its end, first output block first (openaimodel.py)
+    depth_out = list(reversed(cfg["transformer_depth_output"]))
+    depth_up = [depth_out[b * (layers + 1):(b + 1) * (layers + 1)] for b in range(levels)]
+    channels = [mc * m for m in mult]
+    head_dim = cfg["num_head_channels"]
+    assert cfg.get("num_heads", -1) == -1 and head_dim == 64
+    heads = [c // head_dim for c in channels]
+    kwargs = dict(
+        sample_size=64, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth_in],
+        up_block_types=["CrossAttnUpBlock2D" if any(d) else "UpBlock2D" for d in depth_up],
+        block_out_channels=channels, layers_per_block=layers,
+        transformer_layers_per_block=[max(d, 1) for d in depth_in],
+        reverse_transformer_layers_per_block=[[max(x, 1) for x in d] for d in depth_up],
+        attention_head_dim=heads, cross_attention_dim=cfg["context_dim"],
+        use_linear_projection=cfg["use_linear_in_transformer"], flip_sin_to_cos=True, freq_shift=0,
+        norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    )
+    for b, d in enumerate(depth_up):  # diffusers needs one depth for all layers of an up block
+        assert len(set(d)) == 1, ("asymmetric up block", b, d)
+    if cfg.get("adm_in_channels"):
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=cfg["adm_in_channels"])
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**kwargs)
+        mid_depth = cfg["transformer_depth_middle"]
+        if mid_depth != kwargs["transformer_layers_per_block"][-1]:
+            # diffusers ties the middle block's depth to the last down block's; the tiny SDXL has 1
+            unet.mid_block = get_mid_block(
+                "UNetMidBlock2DCrossAttn", temb_channels=mc * 4, in_channels=channels[-1], resnet_eps=1e-5,
+                resnet_act_fn="silu", resnet_groups=32, output_scale_factor=1.0,
+                transformer_layers_per_block=mid_depth, num_attention_heads=heads[-1],
+                cross_attention_dim=cfg["context_dim"], dual_cross_attention=False,
+                use_linear_projection=cfg["use_linear_in_transformer"], mid_block_only_cross_attention=False,
+                upcast_attention=False, resnet_time_scale_shift="default", attention_type="default",
+                resnet_skip_time_act=False, cross_attention_norm=None, attention_head_dim=heads[-1],
+                dropout=0.0)
+    key_map = comfy.utils.unet_to_diffusers(cfg)
+    wanted = unet.state_dict().keys()
+    missing = [k for k in wanted if key_map.get(k) not in ldm_unet_sd]
+    assert not missing, missing[:10]
+    new_sd = {k: ldm_unet_sd[key_map[k]].to(torch.float32) for k in wanted}
+    unused = set(ldm_unet_sd) - {key_map[k] for k in wanted}
+    assert not unused, sorted(unused)[:10]
+    unet.load_state_dict(new_sd, strict=True, assign=True)
+    return unet.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------
