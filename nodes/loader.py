@@ -225,8 +225,8 @@ def _load_parts(sd: dict, metadata, weight_dtype: str, output_clip: bool, output
     return model, clip, vae
 
 
-def reload_turbo_part(ckpt_path: str, weight_dtype: str, part: str, disable_dynamic: bool = False,
-                      variant: str | None = None):
+def reload_turbo_part(ckpt_path: str, weight_dtype: str, part: str, variant: str | None = None,
+                      disable_dynamic: bool = False):
     """A fresh patcher for one part ("model", "clip" or "vae") of a Turbo checkpoint.
 
     This is the ``cached_patcher_init`` factory of everything ``load_turbo_checkpoint`` returns, as core
@@ -242,7 +242,7 @@ def reload_turbo_part(ckpt_path: str, weight_dtype: str, part: str, disable_dyna
         if variant is not None:
             model.set_attachments(FAMILY_ATTACHMENT, variant)
     patcher = {"model": model, "clip": getattr(clip, "patcher", None), "vae": getattr(vae, "patcher", None)}[part]
-    patcher.cached_patcher_init = (reload_turbo_part, (ckpt_path, weight_dtype, part, False, variant))
+    patcher.cached_patcher_init = (reload_turbo_part, (ckpt_path, weight_dtype, part, variant))
     return patcher
 
 
@@ -250,7 +250,7 @@ def _register_reload(ckpt_path: str, weight_dtype: str, model, clip, vae, varian
     for part, patcher in (("model", model), ("clip", getattr(clip, "patcher", None)),
                           ("vae", getattr(vae, "patcher", None))):
         if patcher is not None:
-            patcher.cached_patcher_init = (reload_turbo_part, (ckpt_path, weight_dtype, part, False, variant))
+            patcher.cached_patcher_init = (reload_turbo_part, (ckpt_path, weight_dtype, part, variant))
 
 
 class TurboCheckpointLoader(io.ComfyNode):

@@ -507,6 +507,8 @@ def test_the_loader_takes_a_distillation_merge_as_the_family_chosen(pack, model_
     # ComfyUI 0.33's reload factory (non-dynamic / per-GPU copies) keeps the family too
     factory, args = loaded.model.cached_patcher_init
     assert factory(*args).get_attachment(pack.loader.FAMILY_ATTACHMENT) == variant
+    # ... called as 0.33's clone(disable_dynamic=True) calls it
+    assert factory(*args, disable_dynamic=True).get_attachment(pack.loader.FAMILY_ATTACHMENT) == variant
 
 
 @pytest.mark.parametrize("ckpt,family,message", [
