@@ -92,6 +92,12 @@ SD_TURBO_SCHEDULER_CONFIG = {
 SCHEDULER_CONFIGS = {"sdxl-turbo": SDXL_TURBO_SCHEDULER_CONFIG, "sd-turbo": SD_TURBO_SCHEDULER_CONFIG}
 
 
+# SDXL's size conditioning for the model-level tests: diffusers' time_ids and the same values as ComfyUI's
+# conditioning keys.
+TIME_IDS = (512, 512, 0, 0, 512, 512)  # original (h, w), crop (top, left), target (h, w)
+SIZE_COND = {"width": 512, "height": 512, "crop_w": 0, "crop_h": 0, "target_width": 512, "target_height": 512}
+
+
 def diffusers_scheduler(variant: str):
     """The diffusers scheduler class named by the hub config's ``_class_name``, built ``from_config``."""
     import diffusers

@@ -32,6 +32,8 @@ import torch
 
 from parity_helpers import (
     REPO_ROOT,
+    SIZE_COND,
+    TIME_IDS,
     comfyui_path,
     diffusers_img2img_timesteps,
     diffusers_scheduler,
@@ -53,8 +55,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 TOL = 1e-3  # max-abs, fp32, CPU, in the sampler's latent space
 LATENT = 16  # 16x16 latents (128x128 images)
 SEED = 20240
-TIME_IDS = (512, 512, 0, 0, 512, 512)  # original (h, w), crop (top, left), target (h, w)
-SIZE_COND = {"width": 512, "height": 512, "crop_w": 0, "crop_h": 0, "target_width": 512, "target_height": 512}
 CHECKPOINTS = {"sd-turbo": "sd-turbo-tiny", "sdxl-turbo": "sdxl-turbo-tiny"}
 
 

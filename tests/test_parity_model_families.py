@@ -51,6 +51,8 @@ import torch
 
 from parity_helpers import (
     REPO_ROOT,
+    SIZE_COND,
+    TIME_IDS,
     comfyui_path,
     diffusers_unet_from_comfy_config,
     family_reference,
@@ -69,8 +71,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 TOL = 1e-3     # max-abs, fp32, CPU, in the sampler's latent space
 LATENT = 8     # 8x8 latents (64x64 images)
 SEED = 20240
-TIME_IDS = (512, 512, 0, 0, 512, 512)  # original (h, w), crop (top, left), target (h, w)
-SIZE_COND = {"width": 512, "height": 512, "crop_w": 0, "crop_h": 0, "target_width": 512, "target_height": 512}
 SD3, FLUX = "sd3", "flux"
 
 
