@@ -267,7 +267,10 @@ def session_of(name: str, kind: str) -> str:
 
 def pump_until(loop, condition, timeout: float = 600.0) -> None:
     deadline = time.perf_counter() + timeout
+    errors_before = len(loop.errors)
     while not condition():
+        if len(loop.errors) > errors_before:      # a graph the server refuses fails the same way each frame
+            raise RuntimeError(f"the live loop's graph failed: {loop.errors[errors_before:][-3:]}")
         if loop.closed:
             raise RuntimeError(f"the live loop's connection closed; errors: {loop.errors[-3:]}")
         if time.perf_counter() > deadline:

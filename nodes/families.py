@@ -46,6 +46,8 @@ FLOW_ARCHITECTURES = ("sd3", "flux")
 FLOW_FAMILIES = tuple(n for n in fam.FAMILY_NAMES if set(fam.FAMILIES[n].architectures) & set(FLOW_ARCHITECTURES))
 # The families the node offers (and the KSampler names follow).
 NODE_FAMILIES = tuple(fam.FAMILY_NAMES)
+# Turbo Family Schedule's extra choice: the family Load Turbo Checkpoint loaded the MODEL as.
+FROM_LOADER = "from loader"
 FAMILY_SAMPLERS = ("lcm", "tcd", "ddim")   # the sampler kinds sample_turbo_family runs
 
 log = logging.getLogger("comfy_turbo")
@@ -220,11 +222,34 @@ def note_loaded_family(model, family: str) -> None:
                     "set the same family on both nodes unless you mean to.", loaded, family)
 
 
+def loaded_family(model) -> str:
+    """The family of ``FROM_LOADER``: the one Load Turbo Checkpoint loaded the MODEL as (its 'turbo'
+    default is sd-turbo on SD 2.x, sdxl-turbo on SDXL). A MODEL from another loader carries none; then
+    only an architecture that a single family fits (SD 2.x, SD3, Flux) has an answer, and the rest is a
+    clear error rather than a guess."""
+    get = getattr(model, "get_attachment", None)
+    loaded = get(FAMILY_ATTACHMENT) if get is not None else None
+    if loaded is not None:
+        return loaded
+    architecture, config_name = model_architecture(model)
+    fits = [n for n in NODE_FAMILIES if architecture in fam.FAMILIES[n].architectures]
+    if len(fits) == 1:
+        return fits[0]
+    raise TurboError(
+        f"family '{FROM_LOADER}' needs a MODEL from Load Turbo Checkpoint, which records the family it loaded; "
+        f"this {_describe(architecture)} MODEL (ComfyUI's {config_name}) came from another loader, and "
+        + (f"{len(fits)} families fit it ({', '.join(fits)}). Pick its family here." if fits
+           else "no family here is made for it."))
+
+
 def family_outputs(model, family: str, steps: int, strength: float = 1.0, gamma: float = -1.0):
     """(MODEL, SIGMAS, SAMPLER) of Turbo Family Schedule; ``gamma`` < 0 is the family's default."""
-    if family not in NODE_FAMILIES:
-        raise TurboError(f"Unknown family {family!r}: use one of {', '.join(NODE_FAMILIES)}.")
-    note_loaded_family(model, family)
+    if family == FROM_LOADER:
+        family = loaded_family(model)
+    elif family not in NODE_FAMILIES:
+        raise TurboError(f"Unknown family {family!r}: use one of {FROM_LOADER}, {', '.join(NODE_FAMILIES)}.")
+    else:
+        note_loaded_family(model, family)
     gamma = None if gamma is None or gamma < 0 else float(gamma)
     schedule = family_model_schedule(model, family, steps, strength, gamma)
     out_model = x0_model(model) if schedule.prediction == "sample" else model
@@ -245,8 +270,10 @@ class TurboFamilySchedule(io.ComfyNode):
                 "x0 prediction for SDXL-Lightning 1-step). Connect all three to SamplerCustom at cfg 1.0."),
             inputs=[
                 io.Model.Input("model", tooltip="The distilled model (or a base model with the family's LoRA)."),
-                io.Combo.Input("family", options=list(NODE_FAMILIES), default="dmd2",
-                               tooltip="Whose recipe: sd-turbo, sdxl-turbo, sdxl-lightning, dmd2, hyper-sd (N-step "
+                io.Combo.Input("family", options=[FROM_LOADER, *NODE_FAMILIES], default=FROM_LOADER,
+                               tooltip="Whose recipe. 'from loader': the family set on Load Turbo Checkpoint "
+                                       "(its 'turbo': sd-turbo or sdxl-turbo by the file), so swapping the "
+                                       "checkpoint keeps the graph right. Or name it: sd-turbo, sdxl-turbo, sdxl-lightning, dmd2, hyper-sd (N-step "
                                        "LoRAs), hyper-sd-1step-unet, hyper-sd-unified (TCD), lcm, tcd, pcm; the "
                                        "flow models sd3.5-large-turbo and flux.1-schnell."),
                 io.Int.Input("steps", default=4, min=1, max=16,

@@ -168,7 +168,7 @@ SPECS = [
          "image follows as you type. The prompt memo of *Turbo Text Encode* and TAESDXL decoding keep "
          "each frame short. Frames reach the panel over the websocket as JPEG: nothing is saved to disk. "
          "Change anything in the graph while it runs (steps, seed, a LoRA) and the next frame shows it."
-         " *Turbo Family Schedule* takes any SD 2.x / SDXL few-step family: for a DMD2, Lightning, Hyper-SD or LCM model, set its family there and on *Load Turbo Checkpoint*, and the steps it supports.",
+         " *Turbo Family Schedule* samples the family set on *Load Turbo Checkpoint* (`from loader`), so any SD 2.x / SDXL few-step model goes live: for a DMD2, Lightning, Hyper-SD or LCM file, set its family on the loader and the steps it supports on the schedule. For a base model with a family's LoRA, name the family on the schedule instead.",
          [["note", "1"], ["2", "3", "4"], ["5", "15"], ["6", "7"]]),
     Spec("turbo_live_webcam", "Turbo Live: webcam image-to-image (SD-Turbo)",
          "Press **Live** in the *Turbo Live* panel and allow the camera: each webcam frame goes to "
@@ -176,14 +176,14 @@ SPECS = [
          "strength 0.5: t=499) and shown as it comes back. The newest frame always wins; the panel caps "
          "the frame rate and skips frames almost equal to the last one. Type in the panel's prompt box to "
          "restyle it live."
-         " *Turbo Family Schedule* takes any SD 2.x / SDXL few-step family: for a DMD2, Lightning, Hyper-SD or LCM model, set its family there and on *Load Turbo Checkpoint*, and the steps it supports.",
+         " *Turbo Family Schedule* samples the family set on *Load Turbo Checkpoint* (`from loader`), so any SD 2.x / SDXL few-step model goes live: for a DMD2, Lightning, Hyper-SD or LCM file, set its family on the loader and the steps it supports on the schedule. For a base model with a family's LoRA, name the family on the schedule instead.",
          [["note", "1"], ["8", "2", "15"], ["9", "4"], ["5"], ["6", "7"]]),
     Spec("turbo_live_paint", "Turbo Live: paint and watch (SDXL-Turbo)",
          "Press **Live** in the *Turbo Live* panel and paint on its canvas: each stroke sends the canvas "
          "to *Turbo Live Input* and the picture is redrawn in 1 step (steps 2, strength 0.5: t=499). Pick "
          "a colour and brush size in the panel; *Clear* starts over. Type in the prompt box to change "
          "what it paints."
-         " *Turbo Family Schedule* takes any SD 2.x / SDXL few-step family: for a DMD2, Lightning, Hyper-SD or LCM model, set its family there and on *Load Turbo Checkpoint*, and the steps it supports.",
+         " *Turbo Family Schedule* samples the family set on *Load Turbo Checkpoint* (`from loader`), so any SD 2.x / SDXL few-step model goes live: for a DMD2, Lightning, Hyper-SD or LCM file, set its family on the loader and the steps it supports on the schedule. For a base model with a family's LoRA, name the family on the schedule instead.",
          [["note", "1"], ["8", "2", "15"], ["9", "4"], ["5"], ["6", "7"]]),
 ]
 SPECS += [

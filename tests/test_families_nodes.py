@@ -543,3 +543,46 @@ def test_the_loader_family_input_is_optional_so_older_workflows_load(pack):
     assert inputs["optional"]["family"][1]["default"] == "turbo"
     kind, options = inputs["optional"]["family"]
     assert (options.get("options") if kind == "COMBO" else kind) == list(pack.loader.LOADER_FAMILIES)
+
+
+# --- 'from loader': the schedule follows Load Turbo Checkpoint's family ----------------------------
+
+def _same_recipe(a, b):
+    """Two (MODEL, SIGMAS, SAMPLER) results give the same sampling: sigmas, sampler function and options."""
+    assert torch.equal(a[1], b[1])
+    assert (a[2].sampler_function, a[2].extra_options) == (b[2].sampler_function, b[2].extra_options)
+
+
+@pytest.mark.parametrize("ckpt,loader_family,family,steps", [
+    (SD_TURBO, "turbo", "sd-turbo", 1),
+    (SDXL_TURBO, "turbo", "sdxl-turbo", 4),
+    (SDXL_TURBO, "dmd2", "dmd2", 4),
+    (SDXL_TURBO, "sdxl-lightning", "sdxl-lightning", 1),
+    (SD15, "lcm", "lcm", 4),
+])
+def test_from_loader_samples_the_family_the_checkpoint_was_loaded_as(pack, model_files, ckpt, loader_family,
+                                                                      family, steps, caplog):
+    loaded = pack.loader.load_turbo_checkpoint(str(model_files[ckpt]), "default", loader_family)
+    with caplog.at_level("WARNING", logger="comfy_turbo"):
+        ours = node(pack, loaded.model.clone(), pack.families.FROM_LOADER, steps)
+    _same_recipe(ours, node(pack, loaded.model, family, steps))
+    assert not [r for r in caplog.records if "recipe" in r.getMessage()]
+    if family == "sdxl-lightning":             # the x0 patch comes along with the recipe
+        import comfy.model_sampling
+        assert isinstance(ours[0].get_model_object("model_sampling"), comfy.model_sampling.X0)
+
+
+def test_from_loader_on_another_loaders_model_takes_the_only_family_or_asks(pack, models):
+    _same_recipe(node(pack, models[SD_TURBO], pack.families.FROM_LOADER, 2), node(pack, models[SD_TURBO], "sd-turbo", 2))
+    _same_recipe(node(pack, models[FLUX], pack.families.FROM_LOADER, 4), node(pack, models[FLUX], "flux.1-schnell", 4))
+    with pytest.raises(pack.loader.TurboError, match=r"family 'from loader' needs a MODEL from Load Turbo Checkpoint.*"
+                                                     r"this SDXL MODEL .* came from another loader, and \d+ families "
+                                                     r"fit it \(sdxl-turbo, sdxl-lightning, dmd2.*Pick its family here"):
+        node(pack, models[SDXL_TURBO], pack.families.FROM_LOADER, 4)
+
+
+def test_from_loader_is_the_schedules_default_and_first_choice(pack):
+    kind, options = pack.families.TurboFamilySchedule.INPUT_TYPES()["required"]["family"]
+    choices = options.get("options") if kind == "COMBO" else kind
+    assert choices[0] == options["default"] == pack.families.FROM_LOADER
+    assert choices[1:] == list(pack.families.NODE_FAMILIES)
