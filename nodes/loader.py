@@ -134,12 +134,22 @@ def unreadable_file_message(name: str, path: str, error: Exception) -> str:
     return f"'{name}' could not be read ({type(error).__name__}: {error}). Download the file again."
 
 
+def unknown_family_error(family: str) -> TurboError:
+    if family in fam.FAMILIES and not set(fam.FAMILIES[family].architectures) & {"sd1", "sd2", "sdxl"}:
+        return TurboError(
+            f"{family} is a flow model: load it with ComfyUI's own loaders (Load Checkpoint for SD3.5 Large "
+            "Turbo, Load Diffusion Model + DualCLIPLoader + Load VAE for FLUX.1-schnell) and set its family on "
+            "Turbo Family Schedule. Load Turbo Checkpoint takes the SD 1.x / 2.x / SDXL families: "
+            f"{', '.join(LOADER_FAMILIES)}.")
+    return TurboError(f"Unknown family {family!r}: use one of {', '.join(LOADER_FAMILIES)}.")
+
+
 def resolve_family(name: str, config_name: str, family: str = "turbo") -> str:
     """The few-step family a checkpoint of ComfyUI's ``config_name`` loads as, or a TurboError saying
     why not: ``family`` must exist for the file's architecture (the weights cannot tell which
     distillation it is, so the choice is the user's and is only checked)."""
     if family not in LOADER_FAMILIES:
-        raise TurboError(f"Unknown family {family!r}: use one of {', '.join(LOADER_FAMILIES)}.")
+        raise unknown_family_error(family)
     architecture = ARCHITECTURE_OF.get(config_name)
     if family == "turbo":
         variant = TURBO_VARIANTS.get(config_name)
@@ -175,7 +185,7 @@ def load_turbo_checkpoint(ckpt_path: str, weight_dtype: str = "default", family:
     if weight_dtype not in WEIGHT_DTYPES:
         raise TurboError(f"Unknown weight_dtype {weight_dtype!r}: use one of {', '.join(WEIGHT_DTYPES)}.")
     if family not in LOADER_FAMILIES:
-        raise TurboError(f"Unknown family {family!r}: use one of {', '.join(LOADER_FAMILIES)}.")
+        raise unknown_family_error(family)
     try:
         # safe_load: pickles go through torch.load(weights_only=True) and never execute code.
         sd, metadata = comfy.utils.load_torch_file(ckpt_path, safe_load=True, return_metadata=True)

@@ -519,7 +519,10 @@ def test_the_loader_takes_a_distillation_merge_as_the_family_chosen(pack, model_
     (SD15, "dmd2", r"is a SD 1\.x checkpoint .*families for SD 1\.x: hyper-sd, hyper-sd-unified, lcm, tcd, pcm"),
     (SD15, "turbo", r"is a SD15 checkpoint, not SD-Turbo .* If it is a hyper-sd, hyper-sd-unified, lcm, tcd, pcm "
                     r"model, set family to that"),
-    (SDXL_TURBO, "flux.1-schnell", r"Unknown family 'flux\.1-schnell': use one of turbo, sd-turbo"),
+    (SDXL_TURBO, "flux.1-schnell", r"flux\.1-schnell is a flow model: load it with ComfyUI's own loaders .*"
+                                   r"Load Diffusion Model .*Turbo Family Schedule.*: turbo, sd-turbo"),
+    (SDXL_TURBO, "sd3.5-large-turbo", r"sd3\.5-large-turbo is a flow model: .*Load Checkpoint for SD3\.5"),
+    (SDXL_TURBO, "no-such", r"Unknown family 'no-such': use one of turbo, sd-turbo"),
 ])
 def test_the_loader_refuses_a_family_the_file_cannot_be(pack, model_files, ckpt, family, message):
     with pytest.raises(pack.loader.TurboError, match=message):
