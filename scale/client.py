@@ -3,6 +3,7 @@
     python -m scale.client --broker amqp://user:pass@broker:5672// run workflows/api/turbo_txt2img_api.json \\
         --count 20 --seed 1 --prompt "a lighthouse at dusk" --width 512 --height 512 --out results/
     python -m scale.client --broker ... workers
+    python -m scale.client --broker ... dead            # the poison jobs in the dead-letter queue
 
     from scale.client import Fleet
     with Fleet("amqp://...") as fleet:
@@ -12,7 +13,10 @@
         live.submit(prompt)
 
 Delivery is at least once: a job whose worker died runs again elsewhere, so a reply can arrive twice;
-``wait`` keeps the first per job id and counts the repeats in ``duplicates``.
+``wait`` keeps the first per job id and counts the repeats in ``duplicates``. A job that ended its
+ComfyUI or worker on every attempt answers with a ``poison`` error (see scale/app.py). The client's
+connection has AMQP heartbeats: a cut link is noticed in about twice ``heartbeat`` seconds and the
+client reconnects by itself; replies wait for it on its durable reply queue meanwhile.
 """
 from __future__ import annotations
 
@@ -28,10 +32,11 @@ from collections import Counter
 from pathlib import Path
 
 from kombu import Connection
+from kombu.exceptions import OperationalError
 
 from . import workflow as workflow_module
-from .app import (DEFAULT_BROKER, SHARED_QUEUE, TASK_NAME, WORKER_QUEUE_PREFIX, make_app, reply_queue,
-                  worker_queue)
+from .app import (DEAD_LETTER_QUEUE, DEFAULT_BROKER, DEFAULT_HEARTBEAT_S, SHARED_QUEUE, TASK_NAME,
+                  WORKER_QUEUE_PREFIX, dead_letter_queue, make_app, reply_queue, worker_queue)
 
 PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 1, "interval_max": 5}
 
@@ -44,9 +49,12 @@ class JobFailed(Exception):
 
 
 class Fleet:
-    def __init__(self, broker_url: str | None = None, client_id: str | None = None):
+    def __init__(self, broker_url: str | None = None, client_id: str | None = None,
+                 heartbeat: float = DEFAULT_HEARTBEAT_S):
         self.broker_url = broker_url or os.environ.get("COMFY_TURBO_BROKER", DEFAULT_BROKER)
-        self.app = make_app(self.broker_url)
+        self.heartbeat = heartbeat
+        self.app = make_app(self.broker_url, heartbeat=heartbeat)
+        self.reconnects = 0                         # times the reply connection was lost and made again
         self.client_id = client_id or uuid.uuid4().hex
         self.replies: dict[str, dict] = {}
         self.duplicates: Counter = Counter()        # job id -> replies after the first (a job that ran twice)
@@ -57,10 +65,15 @@ class Fleet:
 
     # -- submitting --------------------------------------------------------------------------
     def submit(self, prompt: dict, job_id: str | None = None, worker: str | None = None,
-               session: str | None = None) -> str:
-        """Queue ``prompt`` (API format) for any worker, or for ``worker``; returns the job id."""
+               session: str | None = None, timeout: float | None = None) -> str:
+        """Queue ``prompt`` (API format) for any worker, or for ``worker``; returns the job id.
+
+        ``timeout``: seconds the prompt may run on its ComfyUI (default: the worker's, 600) before it is
+        taken off that ComfyUI's queue or interrupted by its prompt id, and answered with a timeout error."""
         job_id = job_id or uuid.uuid4().hex
         job = {"id": job_id, "prompt": prompt, "reply_to": self.client_id, "session": session}
+        if timeout is not None:
+            job["timeout_s"] = float(timeout)
         queue = worker_queue(worker).name if worker else SHARED_QUEUE
         self.app.send_task(TASK_NAME, args=[job], task_id=job_id, queue=queue, retry=True,
                            retry_policy=PUBLISH_RETRY)
@@ -104,17 +117,8 @@ class Fleet:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(missing)} of {len(wanted)} jobs did not reply within {timeout:.0f} s")
-            reply = self._next_reply(min(1.0, max(0.05, deadline - time.monotonic())))
-            if reply is None:
-                continue
-            if reply["job_id"] in self.replies:
-                self.duplicates[reply["job_id"]] += 1
-                self.repeats.append({k: v for k, v in reply.items() if k != "images"})
-                continue
-            for image in reply.get("images", []):
-                image["png"] = base64.b64decode(image.pop("png_base64"))
-            self.replies[reply["job_id"]] = reply
-            if on_reply is not None and reply["job_id"] in wanted:
+            reply = self._take(self._next_reply(min(1.0, max(0.05, deadline - time.monotonic()))))
+            if reply is not None and on_reply is not None and reply["job_id"] in wanted:
                 on_reply(reply, sum(j in self.replies for j in wanted), len(wanted))
         result = {j: self.replies[j] for j in wanted}
         if raise_errors:
@@ -123,31 +127,83 @@ class Fleet:
                     raise JobFailed(reply)
         return result
 
-    def _open_replies(self) -> None:
-        self._connection = Connection(self.broker_url)
-        self._connection.ensure_connection(max_retries=30, interval_start=0.5, interval_step=1, interval_max=5)
-        self._replies = self._connection.SimpleQueue(reply_queue(self.client_id))
+    def drain(self, seconds: float) -> None:
+        """Receive replies for ``seconds`` (late repeats included: they land in ``duplicates``)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._take(self._next_reply(min(1.0, max(0.05, left))))
+
+    def _take(self, reply: dict | None) -> dict | None:
+        """Keep ``reply`` if it is the first for its job (returned), count it as a repeat if not."""
+        if reply is None:
+            return None
+        if reply["job_id"] in self.replies:
+            self.duplicates[reply["job_id"]] += 1
+            self.repeats.append({k: v for k, v in reply.items() if k != "images"})
+            return None
+        for image in reply.get("images", []):
+            image["png"] = base64.b64decode(image.pop("png_base64"))
+        self.replies[reply["job_id"]] = reply
+        return reply
+
+    def dead_letters(self) -> list[dict]:
+        """The jobs in the dead-letter queue (poison jobs), left there: read, then put back unacked."""
+        with Connection(self.broker_url) as connection:
+            channel = connection.channel()
+            queue = dead_letter_queue()(channel)
+            queue.declare()
+            jobs, held = [], []
+            while (message := queue.get(no_ack=False)) is not None:
+                held.append(message)
+                jobs.append(message.payload)
+            channel.close()                  # the unacked messages go back, in order
+        return jobs
+
+    def _open_replies(self, retries: int = 30) -> None:
+        connection = Connection(self.broker_url, heartbeat=self.heartbeat or 0, connect_timeout=4)
+        self._connection_errors = tuple(connection.connection_errors)
+        try:
+            connection.ensure_connection(max_retries=retries, interval_start=0.5, interval_step=1, interval_max=5)
+            replies = connection.SimpleQueue(reply_queue(self.client_id))
+            # Start consuming now, on the connection just made: SimpleQueue would send basic.consume on its
+            # first get(), and a link that died since would block that for ever (no heartbeat is read then).
+            replies._consume()
+            self._replies = replies
+        except Exception:
+            connection.release()
+            raise
+        self._connection = connection
 
     def _next_reply(self, timeout: float) -> dict | None:
+        if self._replies is None:                             # the link was lost: one try to make it again
+            try:
+                self._open_replies(retries=1)
+            except (OSError, OperationalError, *self._connection_errors):
+                time.sleep(min(1.0, timeout))
+                return None
         try:
+            if self.heartbeat:
+                self._connection.heartbeat_check()          # raises once two heartbeats are missed
+                timeout = min(timeout, self.heartbeat / 4)
             message = self._replies.get(block=True, timeout=timeout)
         except queue_module.Empty:
             return None
+            payload = message.payload
+            message.ack()
         except (OSError, *self._connection.connection_errors, *self._connection.channel_errors):
-            self._reconnect()                                   # e.g. the broker restarted
-            return None
-        payload = message.payload
-        message.ack()
+            self._reconnect()                                   # e.g. the broker restarted, or a partition
+            return None                                         # an unacked reply comes again: kept once by id
         return payload
 
     def _reconnect(self) -> None:
+        """The reply connection is gone (a broker restart, a partition noticed by the heartbeat): drop it;
+        ``_next_reply`` makes a new one, one try per turn, so ``wait`` keeps its deadline meanwhile."""
+        self.reconnects += 1
+        self._replies = None
         try:
-            self._replies.close()
-            self._connection.release()
+            self._connection.collect()          # drop the socket: a polite close would wait on a dead link
         except Exception:
             pass
-        time.sleep(0.5)
-        self._open_replies()
 
     def close(self, delete_reply_queue: bool = True) -> None:
         """Stop listening; by default delete this client's reply queue (replies still in it are dropped)."""
@@ -206,11 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=Path("fleet-output"))
     run.add_argument("--timeout", type=float, default=3600.0)
     commands.add_parser("workers", help="list the workers that answer")
+    commands.add_parser("dead", help=f"list the poison jobs in the dead-letter queue {DEAD_LETTER_QUEUE}")
     args = parser.parse_args(argv)
 
     with Fleet(args.broker) as fleet:
         if args.command == "workers":
             print("\n".join(fleet.workers()) or "no worker answered")
+            return 0
+        if args.command == "dead":
+            jobs = fleet.dead_letters()
+            for job in jobs:
+                print(f"{job['id']}  attempts {job.get('attempts')}  last on {job.get('last_worker')}: "
+                      f"{job.get('last_failure')}")
+            print(f"{len(jobs)} job(s) in {DEAD_LETTER_QUEUE}", file=sys.stderr)
             return 0
         try:
             base = workflow_module.load(args.workflow)

@@ -17,6 +17,11 @@ class ComfyUnavailable(ConnectionError):
     """ComfyUI did not answer (down, restarting, unreachable): the job is retried, on this or another worker."""
 
 
+class ComfyCrashed(ComfyUnavailable):
+    """ComfyUI took the prompt, then stopped answering or came back without it: the prompt may have ended
+    the process. The worker counts it as a failed attempt of the job (see scale/app.py, poison jobs)."""
+
+
 class PromptInvalid(Exception):
     """ComfyUI refused the prompt at validation; ``body`` is its JSON answer (error and node_errors)."""
 
@@ -34,6 +39,13 @@ class PromptFailed(Exception):
     def __init__(self, info: dict):
         self.info = info
         super().__init__(f"{info.get('node_type')} (node {info.get('node_id')}): {info.get('exception_message')}")
+
+
+def refused(error: ComfyUnavailable) -> bool:
+    """Whether the connection was refused (nothing listening), rather than dropped after it was made."""
+    cause = error.__cause__
+    cause = getattr(cause, "reason", cause)               # URLError wraps the socket error
+    return isinstance(cause, ConnectionRefusedError)
 
 
 class ComfyClient:
@@ -68,11 +80,29 @@ class ComfyClient:
                                    "custom_nodes folder and restart it.") from None
         return stats
 
-    def run(self, prompt: dict) -> dict:
-        """Run ``prompt``; returns {"prompt_id", "images": [{"node", "filename", "data"}], "seconds"}."""
+    def alive(self, timeout: float = 2.0) -> bool:
+        """Whether ComfyUI answers at all (a busy one still does: its HTTP server has its own loop)."""
+        try:
+            self._request("/system_stats", timeout=timeout)
+            return True
+        except (ComfyUnavailable, urllib.error.HTTPError):
+            return False
+
+    def run(self, prompt: dict, timeout: float | None = None) -> dict:
+        """Run ``prompt``; returns {"prompt_id", "images": [{"node", "filename", "data"}], "seconds"}.
+
+        ComfyUnavailable: ComfyUI did not take the prompt (it never ran). ComfyCrashed: it took it and
+        then went away. TimeoutError after ``timeout`` (default: the client's), with the prompt taken
+        off ComfyUI's queue or interrupted by its id."""
         start = time.monotonic()
+        timeout = self.timeout if timeout is None else min(float(timeout), self.timeout)
         try:
             queued = json.loads(self._request("/prompt", {"prompt": prompt, "client_id": self.client_id}))
+        except ComfyUnavailable as e:
+            if refused(e):
+                raise                                    # nothing listened: the prompt cannot have run
+            # It took the request and went away before answering: the prompt may have run, and ended it.
+            raise ComfyCrashed(f"ComfyUI at {self.url} went away while taking the prompt: {e.__cause__}") from e
         except urllib.error.HTTPError as e:
             body = e.read().decode(errors="replace")
             try:
@@ -83,7 +113,12 @@ class ComfyClient:
                 raise PromptInvalid(parsed) from None
             raise ComfyUnavailable(f"ComfyUI at {self.url} answered HTTP {e.code}: {body[:500]}") from None
         prompt_id = queued["prompt_id"]
-        entry = self._wait(prompt_id, start + self.timeout)
+        try:
+            entry = self._wait(prompt_id, start + timeout, timeout)
+        except ComfyCrashed:
+            raise
+        except ComfyUnavailable as e:
+            raise ComfyCrashed(f"ComfyUI at {self.url} stopped answering while running prompt {prompt_id}: {e}") from e
         status = entry.get("status") or {}
         if status.get("status_str") == "error":
             info = next((data for kind, data in status.get("messages", []) if kind == "execution_error"), {})
@@ -98,21 +133,52 @@ class ComfyClient:
                                "data": self._request(f"/view?{query}", timeout=60)})
         return {"prompt_id": prompt_id, "images": images, "seconds": time.monotonic() - start}
 
-    def _wait(self, prompt_id: str, deadline: float) -> dict:
+    def _wait(self, prompt_id: str, deadline: float, timeout: float) -> dict:
+        next_queue_check = time.monotonic() + 1.0
         while time.monotonic() < deadline:
-            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
-            if entry and (entry.get("status") or {}).get("completed") is not None:
+            try:
+                entry = self._poll(prompt_id, next_queue_check)
+            except ComfyCrashed:
+                raise
+            except ComfyUnavailable as e:
+                if refused(e):
+                    raise ComfyCrashed(f"ComfyUI at {self.url} went down while running prompt {prompt_id}: "
+                                       f"{e}") from e
+                time.sleep(0.5)              # a slow answer or a reset: ask again (a crash ends in refusals)
+                continue
+            if entry is not None:
                 return entry
+            if time.monotonic() > next_queue_check:
+                next_queue_check = time.monotonic() + 1.0
             time.sleep(0.05)
         self._cancel(prompt_id)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {self.timeout:.0f} s on {self.url}")
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s on {self.url}; "
+                           "it was taken off that ComfyUI's queue (or interrupted, if it was running)")
+
+    def _poll(self, prompt_id: str, next_queue_check: float) -> dict | None:
+        """The prompt's finished history entry, or None; ComfyCrashed if ComfyUI no longer knows it."""
+        entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if entry and (entry.get("status") or {}).get("completed") is not None:
+            return entry
+        if time.monotonic() > next_queue_check:      # a ComfyUI restarted since has neither queue nor history of it
+            if not self._queued(prompt_id) and not self.get_json(f"/history/{prompt_id}").get(prompt_id):
+                raise ComfyCrashed(f"ComfyUI at {self.url} lost prompt {prompt_id} (it restarted while running it)")
+        return None
+
+    def _queued(self, prompt_id: str) -> bool:
+        """Whether ``prompt_id`` is running or waiting in ComfyUI's queue."""
+        queue = self.get_json("/queue")
+        return any(len(item) > 1 and item[1] == prompt_id
+                   for item in queue.get("queue_running", []) + queue.get("queue_pending", []))
 
     def _cancel(self, prompt_id: str) -> None:
-        """Take the prompt off ComfyUI's queue, or interrupt it if it is the one running (nobody else's)."""
+        """Take the prompt off ComfyUI's queue, or interrupt it by its id if it is the one running; never a
+        global /interrupt, which would stop whichever prompt runs then, another client's included.
+        (ComfyUI interrupts by ``prompt_id`` only when that prompt is the running one.)"""
         try:
             self._request("/queue", {"delete": [prompt_id]})
             running = self.get_json("/queue").get("queue_running", [])
             if any(len(item) > 1 and item[1] == prompt_id for item in running):
-                self._request("/interrupt", {})
+                self._request("/interrupt", {"prompt_id": prompt_id})
         except Exception:
             pass                                   # best effort: the job is reported as timed out either way

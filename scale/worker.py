@@ -6,10 +6,12 @@
     # or attach to a ComfyUI that is already running (the pack must be installed there):
     python -m scale.worker --broker ... --name gpu0 --attach http://127.0.0.1:8188
 
-The worker consumes the shared queue and its own (``comfy-turbo.worker.<name>``, for sticky sessions).
-The ComfyUI it starts is its child, in its process group: stopping the worker stops it, and if
-ComfyUI exits the worker stops too (exit status 3), for the supervisor (systemd, Kubernetes) to
-restart both; its unfinished job goes back to the queue.
+The worker consumes the shared queue and its own (``comfy-turbo.worker.<name>``, for sticky sessions),
+while its ComfyUI answers: a health check (``--health-interval``) cancels both consumers when ComfyUI
+stops answering, so healthy workers take the shared work, and adds them back when it answers again.
+The ComfyUI it starts is its child, in its process group: stopping the worker stops it. If that
+ComfyUI exits (a crash, a poison job), the worker starts it again on the same port; if it cannot
+(``--max-restarts`` failed starts in a row), the worker stops (exit status 3) for its supervisor.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from celery.worker.control import control_command
 
 from . import app as app_module
 from .comfy import ComfyClient, ComfyUnavailable
@@ -66,16 +70,111 @@ def wait_ready(client: ComfyClient, process: subprocess.Popen | None, timeout: f
 
 
 STOPPING = threading.Event()           # set when the worker itself stops ComfyUI
+log = logging.getLogger("comfy_turbo.scale")
 
 
-def watch(process: subprocess.Popen) -> None:
-    """Stop the worker when its ComfyUI exits (status 3), so that a supervisor restarts the pair."""
-    process.wait()
-    if STOPPING.is_set():
-        return
-    logging.getLogger("comfy_turbo.scale").error("ComfyUI exited with status %s: stopping this worker",
-                                                 process.returncode)
-    os._exit(3)
+class ComfySupervisor:
+    """The ComfyUI this worker started: started again on the same port whenever it exits, until it fails to
+    start (exits or hangs before answering) ``max_restarts`` times in a row (then the worker stops, status 3)."""
+
+    def __init__(self, start, client: ComfyClient, startup_timeout: float, max_restarts: int = 5,
+                 quick_s: float = 60.0):
+        self.start, self.client, self.startup_timeout = start, client, startup_timeout
+        self.max_restarts, self.quick_s = max_restarts, quick_s
+        self.process: subprocess.Popen = start()
+        self.restarts = 0
+
+    def watch(self) -> None:
+        failed_starts = 0                     # starts in a row that never answered (a crash after is no count)
+        while True:
+            self.process.wait()
+            if STOPPING.is_set():
+                return
+            if failed_starts > self.max_restarts:
+                log.error("ComfyUI failed to start %d times in a row: stopping this worker", failed_starts)
+                os._exit(3)
+            log.error("ComfyUI exited with status %s: starting it again", self.process.returncode)
+            self.process = self.start()
+            self.restarts += 1
+            try:
+                wait_ready(self.client, self.process, self.startup_timeout)
+                failed_starts = 0
+                log.info("ComfyUI is back (restart %d)", self.restarts)
+            except SystemExit as e:           # it exited or hung while starting
+                failed_starts += 1
+                log.error("%s", e)
+                if self.process.poll() is None:
+                    self.process.kill()
+
+    def stop(self) -> None:
+        STOPPING.set()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@control_command(args=[("consume", bool)], signature="<consume>")
+def comfy_turbo_consume(state, consume: bool = True, **_):
+    """Remote control: stop (False) or resume (True) consuming every task queue this worker started with.
+
+    Celery's own cancel_consumer / add_consumer would do, but cancel_consumer also deselects the queue and
+    add_consumer does not select it again, so the first reconnection after a pause would consume nothing."""
+    consumer = state.consumer
+    queues = consumer.app.amqp.queues
+
+    def apply():
+        for name in PAUSABLE_QUEUES:
+            if consume:
+                queues.select_add(queues[name])
+                consumer.add_task_queue(name)
+            else:
+                consumer.cancel_task_queue(name)
+    consumer.call_soon(apply)
+    return {"ok": f"consume {consume}"}
+
+
+PAUSABLE_QUEUES: list[str] = []        # set by main(): the shared queue and this worker's own
+
+
+class HealthCheck:
+    """Consume only while ComfyUI answers: after ``failures`` failed checks ``interval`` s apart, cancel
+    this worker's consumers (the job it holds is put back by the task itself); on the first answer
+    again, add them back. Through Celery's remote control (:func:`comfy_turbo_consume`), addressed to
+    this worker's node name alone."""
+
+    def __init__(self, celery_app, node_name: str, queues: list[str], client: ComfyClient,
+                 interval: float = 1.0, failures: int = 2):
+        self.app, self.node_name, self.queues, self.client = celery_app, node_name, queues, client
+        self.interval, self.failures = interval, failures
+        self.consuming = True
+
+    def run(self) -> None:
+        failed = turn = 0
+        while not STOPPING.is_set():
+            time.sleep(self.interval)
+            failed = 0 if self.client.alive(timeout=max(1.0, self.interval)) else failed + 1
+            try:
+                # Either state is sent again every few turns: a broadcast sent while the worker's consumer
+                # was reconnecting (or not yet listening) is lost, and the command is idempotent.
+                if failed == 0 and self.consuming and (turn := turn + 1) % 10 == 0:
+                    self.app.control.broadcast("comfy_turbo_consume", arguments={"consume": True},
+                                               destination=[self.node_name])
+                if failed >= self.failures and (self.consuming or failed % 5 == 0):
+                    if self.consuming:
+                        log.warning("ComfyUI at %s does not answer: no more jobs until it does", self.client.url)
+                    self.app.control.broadcast("comfy_turbo_consume", arguments={"consume": False},
+                                               destination=[self.node_name])
+                    self.consuming = False
+                elif not self.consuming and failed == 0:
+                    log.info("ComfyUI at %s answers again: taking jobs", self.client.url)
+                    self.app.control.broadcast("comfy_turbo_consume", arguments={"consume": True},
+                                               destination=[self.node_name])
+                    self.consuming = True
+            except Exception as e:            # the broker unreachable: try again on the next turn
+                log.warning("health check: could not reach the broker (%s)", e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,44 +191,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="port for the ComfyUI started here (default: a free one)")
     parser.add_argument("--python", default=sys.executable, help="Python for the ComfyUI started here")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--max-attempts", type=int, default=app_module.MAX_ATTEMPTS,
+                        help="attempts of a job that end its ComfyUI or worker before it is dead-lettered "
+                             f"(default {app_module.MAX_ATTEMPTS})")
+    parser.add_argument("--heartbeat", type=float, default=app_module.DEFAULT_HEARTBEAT_S,
+                        help="AMQP heartbeat in seconds: a cut link is noticed in about twice this "
+                             f"(default {app_module.DEFAULT_HEARTBEAT_S:g}; 0 turns heartbeats off)")
+    parser.add_argument("--health-interval", type=float, default=1.0,
+                        help="seconds between checks that ComfyUI answers (default 1)")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="failed starts in a row of the ComfyUI started here before the worker stops")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("comfyui_args", nargs="*", help="after --: more arguments for ComfyUI's main.py")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format=f"[{args.name}] %(levelname)s %(name)s: %(message)s")
 
-    process = None
+    if args.max_attempts < 1:
+        parser.error("--max-attempts must be 1 or more")
+    supervisor = None
     if args.comfyui:
         port = args.port or free_port()
         base = (args.base_directory or args.comfyui).resolve()
-        process = start_comfyui(args.comfyui.resolve(), base, port, args.comfyui_args, args.python)
         url = f"http://127.0.0.1:{port}"
     else:
         url = args.attach
-    state = app_module.WorkerState(args.name, url)
+    state = app_module.WorkerState(args.name, url, max_attempts=args.max_attempts)
+    if args.comfyui:
+        supervisor = ComfySupervisor(
+            lambda: start_comfyui(args.comfyui.resolve(), base, port, args.comfyui_args, args.python),
+            state.comfy, args.startup_timeout, args.max_restarts)
     try:
-        wait_ready(state.comfy, process, args.startup_timeout)
+        wait_ready(state.comfy, supervisor.process if supervisor else None, args.startup_timeout)
     except BaseException:
-        if process is not None:
-            process.terminate()
+        if supervisor is not None:
+            supervisor.stop()
         raise
-    if process is not None:
-        threading.Thread(target=watch, args=(process,), daemon=True).start()
+    if supervisor is not None:
+        threading.Thread(target=supervisor.watch, daemon=True, name="comfyui-supervisor").start()
     app_module.STATE = state
-    celery_app = app_module.make_app(args.broker)
-    queues = f"{app_module.SHARED_QUEUE},{app_module.WORKER_QUEUE_PREFIX}{args.name}"
-    logging.getLogger("comfy_turbo.scale").info("serving ComfyUI at %s on queues %s", url, queues)
+    celery_app = app_module.make_app(args.broker, heartbeat=args.heartbeat)
+    queues = [app_module.SHARED_QUEUE, f"{app_module.WORKER_QUEUE_PREFIX}{args.name}"]
+    PAUSABLE_QUEUES[:] = queues
+    node_name = f"{args.name}@{socket.gethostname()}"
+    health = HealthCheck(celery_app, node_name, queues, state.comfy, args.health_interval)
+    threading.Thread(target=health.run, daemon=True, name="comfyui-health").start()
+    log.info("serving ComfyUI at %s on queues %s", url, ",".join(queues))
     try:
         celery_app.worker_main(["worker", "--pool=prefork", "--concurrency=1", "--prefetch-multiplier=1",
-                                "-Q", queues, "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
+                                "-Q", ",".join(queues), "-n", node_name, "--without-gossip", "--without-mingle",
                                 "--without-heartbeat", f"--loglevel={args.loglevel}"])
     finally:
         STOPPING.set()
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 

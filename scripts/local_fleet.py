@@ -30,14 +30,23 @@ def import_scale():
 
 class WorkerProcess:
     def __init__(self, name: str, base: Path, broker_url: str, comfyui: str, models: dict[str, Path],
-                 port: int | None = None, threads: int = 1, attach: str | None = None):
+                 port: int | None = None, threads: int = 1, attach: str | None = None,
+                 worker_args: list[str] = (), custom_nodes: dict[str, Path] | None = None):
+        """``worker_args``: more scale.worker options (``--heartbeat 3``); ``custom_nodes``: folder name ->
+        node pack linked into the ComfyUI's custom_nodes besides comfy-turbo (the tests' fault nodes)."""
         self.name, self.base, self.port = name, Path(base), port
         for folder, path in models.items():
             target = self.base / "models" / folder / Path(path).name
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 target.symlink_to(Path(path).resolve())
-        self.cmd = [sys.executable, "-m", "scale.worker", "--broker", broker_url, "--name", name, "--loglevel", "INFO"]
+        for folder, path in (custom_nodes or {}).items():
+            target = self.base / "custom_nodes" / folder
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to(Path(path).resolve(), target_is_directory=True)
+        self.cmd = [sys.executable, "-m", "scale.worker", "--broker", broker_url, "--name", name, "--loglevel", "INFO",
+                    *worker_args]
         if attach:                      # serve a ComfyUI started elsewhere
             self.cmd += ["--attach", attach]
         else:
@@ -62,6 +71,13 @@ class WorkerProcess:
         if self.alive():
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+    @property
+    def comfyui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def comfyui_log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.base.glob("comfyui-*.log")))
 
     def log_tail(self, lines: int = 40) -> str:
         text = ""

@@ -42,12 +42,17 @@ def ensure_installed() -> None:
 
 
 class LocalRabbitMQ:
-    def __init__(self, base_dir: Path | None = None):
+    def __init__(self, base_dir: Path | None = None, max_message_size: int | None = None):
+        """``max_message_size``: RabbitMQ's limit on one message in bytes (rabbitmq.conf; its default in
+        3.10, Debian 12's, is 128 MiB), set low by the tests of replies too large to send."""
         ensure_installed()
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="comfy-turbo-rabbitmq-"))
         for sub in ("data", "log", "home"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         (self.base / "enabled_plugins").write_text("[].\n")
+        self.max_message_size = max_message_size
+        (self.base / "rabbitmq.conf").write_text(
+            "" if max_message_size is None else f"max_message_size = {int(max_message_size)}\n")
         self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
         self.node = f"ct{uuid.uuid4().hex[:8]}@localhost"
         self.process: subprocess.Popen | None = None
@@ -82,6 +87,22 @@ class LocalRabbitMQ:
             time.sleep(0.3)
         self.kill()
         raise TimeoutError(f"RabbitMQ did not listen within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """``rabbitmqctl`` against this broker; its output."""
+        done = subprocess.run([str(RABBITMQ_BIN / "rabbitmqctl"), *args], env=self.env(), capture_output=True,
+                              text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def queue_depth(self, name: str) -> int:
+        """Messages ready in queue ``name`` (0 if it does not exist)."""
+        for line in self.ctl("list_queues", "-q", "--no-table-headers", "name", "messages_ready").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == name:
+                return int(parts[1])
+        return 0
 
     def _amqp_answers(self) -> bool:
         try:
