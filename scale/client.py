@@ -186,10 +186,10 @@ class Fleet:
                 self._connection.heartbeat_check()          # raises once two heartbeats are missed
                 timeout = min(timeout, self.heartbeat / 4)
             message = self._replies.get(block=True, timeout=timeout)
-        except queue_module.Empty:
-            return None
             payload = message.payload
             message.ack()
+        except queue_module.Empty:
+            return None
         except (OSError, *self._connection.connection_errors, *self._connection.channel_errors):
             self._reconnect()                                   # e.g. the broker restarted, or a partition
             return None                                         # an unacked reply comes again: kept once by id
