@@ -212,11 +212,16 @@ def family_sampler(schedule: fam.FamilySchedule):
         "sampler": schedule.sampler, "gamma": schedule.gamma, "ddim_steps": schedule.steps})
 
 
+def attached_family(model) -> str | None:
+    """The family Load Turbo Checkpoint loaded the MODEL as (its attachment), or None from another loader."""
+    get = getattr(model, "get_attachment", None)
+    return get(FAMILY_ATTACHMENT) if get is not None else None
+
+
 def note_loaded_family(model, family: str) -> None:
     """Log when ``family`` is not the one Load Turbo Checkpoint loaded the MODEL as: allowed (a merge may
     sample well with another recipe), but never silent."""
-    get = getattr(model, "get_attachment", None)
-    loaded = get(FAMILY_ATTACHMENT) if get is not None else None
+    loaded = attached_family(model)
     if loaded is not None and loaded != family:
         log.warning("comfy-turbo: Turbo Family Schedule samples a model loaded as %s with the %s recipe; "
                     "set the same family on both nodes unless you mean to.", loaded, family)
@@ -227,8 +232,7 @@ def loaded_family(model) -> str:
     default is sd-turbo on SD 2.x, sdxl-turbo on SDXL). A MODEL from another loader carries none; then
     only an architecture that a single family fits (SD 2.x, SD3, Flux) has an answer, and the rest is a
     clear error rather than a guess."""
-    get = getattr(model, "get_attachment", None)
-    loaded = get(FAMILY_ATTACHMENT) if get is not None else None
+    loaded = attached_family(model)
     if loaded is not None:
         return loaded
     architecture, config_name = model_architecture(model)

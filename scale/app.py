@@ -41,11 +41,10 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import socket
 import time
 from collections import OrderedDict
-
-import re
 
 from celery import Celery
 from celery.exceptions import Reject

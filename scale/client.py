@@ -152,9 +152,8 @@ class Fleet:
             channel = connection.channel()
             queue = dead_letter_queue()(channel)
             queue.declare()
-            jobs, held = [], []
+            jobs = []
             while (message := queue.get(no_ack=False)) is not None:
-                held.append(message)
                 jobs.append(message.payload)
             channel.close()                  # the unacked messages go back, in order
         return jobs

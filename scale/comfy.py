@@ -136,8 +136,11 @@ class ComfyClient:
     def _wait(self, prompt_id: str, deadline: float, timeout: float) -> dict:
         next_queue_check = time.monotonic() + 1.0
         while time.monotonic() < deadline:
+            check_queue = time.monotonic() > next_queue_check
+            if check_queue:
+                next_queue_check = time.monotonic() + 1.0
             try:
-                entry = self._poll(prompt_id, next_queue_check)
+                entry = self._poll(prompt_id, check_queue)
             except ComfyCrashed:
                 raise
             except ComfyUnavailable as e:
@@ -148,19 +151,18 @@ class ComfyClient:
                 continue
             if entry is not None:
                 return entry
-            if time.monotonic() > next_queue_check:
-                next_queue_check = time.monotonic() + 1.0
             time.sleep(0.05)
         self._cancel(prompt_id)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s on {self.url}; "
                            "it was taken off that ComfyUI's queue (or interrupted, if it was running)")
 
-    def _poll(self, prompt_id: str, next_queue_check: float) -> dict | None:
-        """The prompt's finished history entry, or None; ComfyCrashed if ComfyUI no longer knows it."""
+    def _poll(self, prompt_id: str, check_queue: bool) -> dict | None:
+        """The prompt's finished history entry, or None; with ``check_queue``, ComfyCrashed if ComfyUI no
+        longer knows it."""
         entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
         if entry and (entry.get("status") or {}).get("completed") is not None:
             return entry
-        if time.monotonic() > next_queue_check:      # a ComfyUI restarted since has neither queue nor history of it
+        if check_queue:                              # a ComfyUI restarted since has neither queue nor history of it
             if not self._queued(prompt_id) and not self.get_json(f"/history/{prompt_id}").get(prompt_id):
                 raise ComfyCrashed(f"ComfyUI at {self.url} lost prompt {prompt_id} (it restarted while running it)")
         return None

@@ -145,9 +145,8 @@ class HealthCheck:
     again, add them back. Through Celery's remote control (:func:`comfy_turbo_consume`), addressed to
     this worker's node name alone."""
 
-    def __init__(self, celery_app, node_name: str, queues: list[str], client: ComfyClient,
-                 interval: float = 1.0, failures: int = 2):
-        self.app, self.node_name, self.queues, self.client = celery_app, node_name, queues, client
+    def __init__(self, celery_app, node_name: str, client: ComfyClient, interval: float = 1.0, failures: int = 2):
+        self.app, self.node_name, self.client = celery_app, node_name, client
         self.interval, self.failures = interval, failures
         self.consuming = True
 
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     queues = [app_module.SHARED_QUEUE, f"{app_module.WORKER_QUEUE_PREFIX}{args.name}"]
     PAUSABLE_QUEUES[:] = queues
     node_name = f"{args.name}@{socket.gethostname()}"
-    health = HealthCheck(celery_app, node_name, queues, state.comfy, args.health_interval)
+    health = HealthCheck(celery_app, node_name, state.comfy, args.health_interval)
     threading.Thread(target=health.run, daemon=True, name="comfyui-health").start()
     log.info("serving ComfyUI at %s on queues %s", url, ",".join(queues))
     try:
