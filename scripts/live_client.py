@@ -178,7 +178,10 @@ class LiveClient:
         return (self.attached or {}).get("token")
 
     def connect(self, timeout: float = 10.0, preview_metadata: bool = True) -> "LiveClient":
-        self.comfy_ws = websocket.create_connection(f"{self.ws_url}/ws?clientId={self.client_id}", timeout=timeout)
+        # ``session`` is for a gateway (scale/haproxy.cfg), which sends a session's connections to one worker;
+        # ComfyUI ignores it.
+        self.comfy_ws = websocket.create_connection(f"{self.ws_url}/ws?clientId={self.client_id}&session={self.session}",
+                                                    timeout=timeout)
         if preview_metadata:         # as ComfyUI's frontend announces it: pictures come as type 4, with metadata
             self.comfy_ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
         self.live_ws = self.open_live_socket(timeout)
@@ -194,6 +197,14 @@ class LiveClient:
     def open_live_socket(self, timeout: float = 10.0, token: str | None = None) -> websocket.WebSocket:
         query = f"clientId={self.client_id}" + (f"&token={token}" if token else "")
         return websocket.create_connection(f"{self.ws_url}{LIVE_ROUTE}/{self.session}/ws?{query}", timeout=timeout)
+
+    def reconnect(self, timeout: float = 2.0) -> "LiveClient":
+        """Both websockets again, as a new attachment (through a gateway: to another worker if this
+        session's worker is gone); the session there is a new one, with its own token."""
+        self.close()
+        self.http = Http(self.url)
+        self.comfy_ws = self.live_ws = self.attached = None
+        return self.connect(timeout)
 
     def close(self) -> None:
         self.http.close()
@@ -242,7 +253,7 @@ class LiveClient:
 
     def submit(self, prompt: dict) -> str:
         """POST /prompt by hand (protocol 1's loop), with the session's token: the prompt is one of its runs."""
-        status, body = self.http.request("POST", "/prompt", json.dumps({
+        status, body = self.http.request("POST", f"/prompt?session={self.session}", json.dumps({
             "prompt": prompt, "client_id": self.client_id,
             "extra_data": {"turbo_live_token": self.token}}).encode())
         if status != 200:
@@ -522,11 +533,17 @@ class ServerLoop(_Loop):
     Frames come from ``push_frame`` (any rate: the server keeps the newest and queues a run when none is
     waiting) or from ``camera``, a function returning the camera's current frame as JPEG bytes, which the
     loop calls itself just in time (see ``_wants_frame``): at most one frame waits untaken on the server.
+
+    ``reattach_within`` (seconds, 0: off): when a websocket closes, connect again within that time (through
+    a gateway, to another worker if this one died) and hand the graph over again; the loop goes on, and
+    each move is in ``reattachments``. The run and the frame the lost connection held are gone with it.
     """
     client: LiveClient
     prompt: dict
     camera: object = None
     fps_cap: float = 30.0
+    reattach_within: float = 0.0
+    reattachments: list = field(default_factory=list)    # {"reason", "lost_at", "attached_at"} per move
     outputs: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     refusals: list = field(default_factory=list)         # error answers to graph / set
@@ -606,10 +623,43 @@ class ServerLoop(_Loop):
             received = self.client.receive(min(deadline, self._next_capture()) - time.perf_counter())
             if not received and time.perf_counter() >= deadline:
                 return
+            moves = len(self.reattachments)
             for source, message, at in received:
                 self._handle(source, message, at)
+                if len(self.reattachments) != moves:     # the rest came from the connections just replaced
+                    break
             if self.closed:
                 return
+
+    def push_frame(self, data: bytes, fmt: str = "jpeg", captured_at: float | None = None, **size) -> int:
+        try:
+            return super().push_frame(data, fmt, captured_at, **size)
+        except (OSError, websocket.WebSocketException) as e:
+            if not self.reattach_within or not self._reattach(f"sending a frame failed: {e!r}"):
+                raise
+            return self._frame_id               # that frame is lost with the old connection; the next one goes
+
+    def _reattach(self, reason: str) -> bool:
+        """Connect again within ``reattach_within`` seconds and hand the graph over; False if that failed."""
+        lost_at = time.perf_counter()
+        deadline = lost_at + self.reattach_within
+        while True:
+            try:
+                self.client.reconnect(timeout=max(0.5, min(2.0, deadline - time.perf_counter())))
+                break
+            except (OSError, LiveError, websocket.WebSocketException) as e:
+                if time.perf_counter() + 0.2 >= deadline:
+                    self.errors.append(f"could not reattach within {self.reattach_within:.0f} s: {e!r}")
+                    return False
+                time.sleep(0.2)
+        # What the lost connection held is gone with it: its run never finishes, its frames were not taken.
+        if self.in_flight is not None:
+            self._finished.add(self.in_flight)
+        self._consumed, self._answers_due = self._frame_id, 0
+        self._taken_at.clear()
+        self.reattachments.append({"reason": reason, "lost_at": lost_at, "attached_at": time.perf_counter()})
+        self._send_graph()
+        return True
 
     def settled(self) -> bool:
         """Nothing left to do: every command answered, every frame consumed, no run in flight, and the newest
@@ -634,6 +684,9 @@ class ServerLoop(_Loop):
             self.pump(0.05)
 
     def _handle(self, source: str, message, at: float) -> None:
+        if self.reattach_within and (isinstance(message, Exception) or message in ("", b"")) \
+                and self._reattach(f"{source} websocket closed: {message!r}"):
+            return
         if self._closed_by(source, message):
             return
         if source == "live":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_debian_package(package: str, binary: str) -> None:
+    """Install a Debian package with apt-get when ``binary`` is missing (HAProxy for the live gateway, as
+    scripts/local_rabbitmq.py installs RabbitMQ), and stop the system service the package may start."""
+    if Path(binary).exists():
+        return
+    if shutil.which("apt-get") is None:
+        raise RuntimeError(f"{binary} is missing and there is no apt-get to install Debian's {package}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env, timeout=900,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["service", package, "stop"], capture_output=True)
 
 
 def import_scale():
@@ -71,6 +86,19 @@ class WorkerProcess:
         if self.alive():
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+    def comfyui_pids(self) -> list[int]:
+        """The worker's ComfyUI processes (its children running main.py), from /proc."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            if self.process is not None and ppid == self.process.pid and b"main.py" in cmdline:
+                pids.append(int(stat.parent.name))
+        return pids
 
     @property
     def comfyui_url(self) -> str:

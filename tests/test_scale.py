@@ -4,8 +4,9 @@ A private broker (scripts/local_rabbitmq.py, Debian's rabbitmq-server, installed
 max_message_size set low for the reply-size test) and two ``python -m scale.worker`` processes, each
 starting its own ComfyUI (--cpu, the tiny SD-Turbo, one torch thread, and the test-only fault nodes of
 tests/fixtures/fleet_nodes), each talking to the broker through its own cuttable TCP relay
-(scripts/tcp_relay.py, on 127.0.0.2 / 127.0.0.3) for the partition tests. One broker and these workers
-serve the whole module; every wait is bounded; the fixtures kill what they started.
+(scripts/tcp_relay.py, on 127.0.0.2 / 127.0.0.3) for the partition tests, and the live gateway (HAProxy,
+Debian's haproxy, installed when missing) in front of their ComfyUIs. One broker and these workers serve
+the whole module; every wait is bounded; the fixtures kill what they started.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ from workflow_utils import SD_TURBO, node_of, txt2img
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_host import free_port  # noqa: E402
-from local_fleet import WorkerProcess, import_scale, wait_for_workers  # noqa: E402
+from local_fleet import WorkerProcess, ensure_debian_package, import_scale, wait_for_workers  # noqa: E402
 from tcp_relay import TcpRelay  # noqa: E402
 
 import_scale()
@@ -282,6 +285,119 @@ def test_a_client_cut_off_notices_and_gets_its_replies_after_the_link_returns(br
         assert not client.duplicates
     finally:
         client.close()
+
+
+# --- live sessions through the gateway (issue 21, part 6) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def gateway(workers, tmp_path_factory):
+    """HAProxy (scale/haproxy.cfg, by scale.gateway) in front of w1's and w2's ComfyUI."""
+    from scale.gateway import Gateway
+    ensure_debian_package("haproxy", "/usr/sbin/haproxy")
+    instance = Gateway({name: f"127.0.0.1:{w.port}" for name, w in workers.items()},
+                       bind=f"127.0.0.1:{free_port()}", workdir=tmp_path_factory.mktemp("gateway")).start()
+    yield instance
+    instance.stop()
+
+
+def live_passthrough(session: str, quality: int = 90) -> dict:
+    return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": 0, "height": 0,
+                                                              "source": "api"}},
+            "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
+                                                               "format": "jpeg", "quality": quality}}}
+
+
+def live_frame(i: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pixels = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def live_homes(workers, session: str) -> list[str]:
+    """The workers whose ComfyUI has this live session."""
+    homes = []
+    for name, w in workers.items():
+        try:
+            comfy_get(w.comfyui_url, f"/comfy-turbo/live/{session}")
+            homes.append(name)
+        except urllib.error.HTTPError as e:
+            assert e.code in (400, 404), e
+        except OSError:
+            pass
+    return homes
+
+
+def test_live_sessions_through_the_gateway_keep_to_one_worker_and_move_when_it_dies(fleet, workers, gateway):
+    """Four live sessions through the gateway (scripts/live_client.py's ServerLoop): each one's frames, value
+    change and pictures pass through one worker's ComfyUI, and the sessions spread over both. Then one
+    session's ComfyUI is SIGKILLed: its sessions reattach through the gateway to the other worker within
+    10 s and their loops go on; the other worker's sessions never move."""
+    from live_client import LiveClient, ServerLoop
+    sessions = [f"gateway-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
+    loops = {s: ServerLoop(LiveClient(gateway.url, session=s).connect(), live_passthrough(s), reattach_within=10)
+             for s in sessions}
+    try:
+        for step in range(6):
+            for s, loop in loops.items():
+                loop.push_frame(live_frame(step))
+                if step == 3:
+                    loop.edit(live_passthrough(s, quality=70))
+                loop.pump(0.1)
+        for loop in loops.values():
+            loop.drain(60)
+        homes = {s: live_homes(workers, s) for s in sessions}
+        assert all(len(h) == 1 for h in homes.values()), f"a session should live on one worker: {homes}"
+        assert {h[0] for h in homes.values()} == {"w1", "w2"}, f"the sessions should spread: {homes}"
+        for s, loop in loops.items():
+            assert not loop.errors and not loop.refusals and not loop.reattachments, (loop.errors, loop.refusals)
+            status = comfy_get(workers[homes[s][0]].comfyui_url, f"/comfy-turbo/live/{s}")
+            assert status["attached"] and status["frames"]["received"] == 6
+            value_runs = {run for run, reason in loop.reasons.items() if reason == "values"}
+            assert value_runs and any(o.prompt_id in value_runs for o in loop.outputs), \
+                "the value change's run should have sent its picture back through the same worker"
+            assert status["frames"]["sent"] == len(loop.outputs) > 0
+
+        victim = homes[sessions[0]][0]
+        survivor = "w2" if victim == "w1" else "w1"
+        moving = [s for s in sessions if homes[s] == [victim]]
+        staying = [s for s in sessions if homes[s] == [survivor]]
+        shown = {s: len(loops[s].outputs) for s in sessions}
+        pids = workers[victim].comfyui_pids()
+        assert len(pids) == 1, pids
+        os.kill(pids[0], 9)
+        killed_at = time.perf_counter()
+        step = 100
+
+        def moved_and_showing(s: str) -> bool:
+            loop = loops[s]
+            return bool(loop.reattachments) and any(o.shown_at > loop.reattachments[0]["attached_at"]
+                                                    for o in loop.outputs)
+
+        while not all(moved_and_showing(s) for s in moving):
+            assert time.perf_counter() - killed_at < 30, {s: (loops[s].reattachments, loops[s].errors) for s in moving}
+            step += 1
+            for loop in loops.values():
+                loop.push_frame(live_frame(step))
+                loop.pump(0.1)
+        for s in moving:
+            loop = loops[s]
+            (move,) = loop.reattachments
+            assert move["attached_at"] - killed_at < 10, f"{s} took {move['attached_at'] - killed_at:.1f} s to reattach"
+            assert not loop.closed and live_homes(workers, s) == [survivor]
+        for s in staying:
+            loop = loops[s]
+            assert not loop.reattachments and not loop.closed and len(loop.outputs) > shown[s]
+            assert live_homes(workers, s) == [survivor]
+    finally:
+        for loop in loops.values():
+            loop.client.close()
+    # The worker starts its ComfyUI again, and serves jobs again.
+    assert serves(fleet, victim, seed=75) and workers[victim].alive()
 
 
 def test_killed_worker_loses_nothing(fleet, workers):
