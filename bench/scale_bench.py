@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The fleet on this machine: throughput with 1 and 2 workers, and the queue's overhead per prompt.
+"""The fleet on this machine: throughput with 1 and 2 workers, the queue's overhead per prompt, the time
+to recover from each fault, and what the live gateway adds per frame.
 
     bash bench/scale.sh                         # tiny SD-Turbo, 64x64, 20 jobs per measurement
     bash bench/scale.sh --page docs/scale.md    # and write the figures into docs/scale.md
@@ -16,6 +17,17 @@ client gets it.
   reply message, base64 PNG). The difference of the medians is what the queue adds per prompt.
 * Throughput: ``--jobs`` jobs submitted at once, to w1 only (one worker) or to the shared queue (two
   workers), rounds alternating; jobs per second from the first submit to the last reply.
+* Recovery (``--fault-rounds`` per fault): a job that waits ``FAULT_JOB_S`` seconds (the tests' fault
+  node) goes to the shared queue; once it runs on a worker, that worker gets the fault: its ComfyUI
+  SIGKILLed (the worker starts it again), its link to the broker cut (scripts/tcp_relay.py: nothing
+  passes, nothing is closed; AMQP heartbeats at the default 10 s), or the worker's whole process group
+  SIGKILLed (then started again). Recovery is the seconds from the fault to that job's reply, which the
+  other worker sends after running it again; less the job's own run, it is the fleet's detection and
+  handover. Each worker's link goes through a relay, in every phase.
+* Live gateway: one live session (a pass-through graph, 256x256 JPEG frames) sends a frame, waits for
+  its picture, and sends the next, in blocks alternating between w1's ComfyUI directly and the gateway
+  (scale/haproxy.cfg, HAProxy) in front of both; the gateway's cost per frame is the difference of the
+  median round trips.
 """
 from __future__ import annotations
 
@@ -37,8 +49,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 import models as bench_models  # noqa: E402
 import report  # noqa: E402
 from run import summary_ms  # noqa: E402  (the executor bench's median / p10 / p90)
-from local_fleet import WorkerProcess, import_scale, wait_for_workers  # noqa: E402
+from local_fleet import WorkerProcess, ensure_debian_package, import_scale, wait_for_workers  # noqa: E402
 from local_rabbitmq import LocalRabbitMQ, free_port  # noqa: E402
+from tcp_relay import TcpRelay  # noqa: E402
 
 import_scale()
 from scale.client import Fleet  # noqa: E402
@@ -48,6 +61,8 @@ from scale import workflow as fleet_workflow  # noqa: E402
 PAGE_START, PAGE_END = "<!-- scale-figures:start -->", "<!-- scale-figures:end -->"
 MD_HEADER = "# comfy-turbo fleet benchmark\n\n"
 WORKFLOW = REPO / "workflows" / "api" / "turbo_txt2img_sd_api.json"
+FLEET_NODES = REPO / "tests" / "fixtures" / "fleet_nodes"     # the fault tests' nodes: a job that waits
+FAULT_JOB_S = 3.0
 
 
 def job_prompt(seed: int, size: int) -> dict:
@@ -73,9 +88,12 @@ def measure(args, log) -> dict:
     checkpoint = models / "checkpoints" / bench_models.MODEL_SETS["tiny"]["sd-turbo"]
     tmp = Path(tempfile.mkdtemp(prefix="comfy-turbo-scale-bench-"))
     broker = LocalRabbitMQ(tmp / "rabbitmq").start()
-    port = free_port()
-    workers = {name: WorkerProcess(name, tmp / name, broker.url, comfyui, {"checkpoints": checkpoint},
-                                   port=port if name == "w1" else None) for name in ("w1", "w2")}
+    relays = {name: TcpRelay((f"127.0.0.{i}", 0), ("127.0.0.1", broker.port)).start()
+              for i, name in ((2, "w1"), (3, "w2"))}
+    workers = {name: WorkerProcess(name, tmp / name, f"amqp://guest:guest@{relays[name].url_host_port}//", comfyui,
+                                   {"checkpoints": checkpoint}, port=free_port(),
+                                   custom_nodes={"comfy_turbo_fleet_test_nodes": FLEET_NODES}) for name in ("w1", "w2")}
+    port = workers["w1"].port
     fleet = None
     try:
         for w in workers.values():
@@ -113,7 +131,10 @@ def measure(args, log) -> dict:
             throughput[n_workers].append(args.jobs / (time.perf_counter() - start))
             used = sorted({rep["worker"] for rep in replies.values()})
             log(f"{n_workers} worker(s): {throughput[n_workers][-1]:.2f} jobs/s on {used}")
+        gateway = measure_gateway(args, fleet, workers, tmp, log)
+        recovery = measure_recovery(args, fleet, workers, relays, log)
         return {
+            "recovery": recovery, "gateway": gateway, "fault_job_s": FAULT_JOB_S,
             "direct_ms": summary_ms(direct), "queued_ms": summary_ms(queued),
             "overhead_ms": (statistics.median(queued) - statistics.median(direct)) * 1000,
             "throughput": {k: {"runs": v, "median": statistics.median(v)} for k, v in throughput.items()},
@@ -124,7 +145,175 @@ def measure(args, log) -> dict:
             fleet.close()
         for w in workers.values():
             w.kill()
+        for relay in relays.values():
+            relay.stop()
         broker.kill()
+
+
+def fault_job(seed: int) -> dict:
+    return {"1": {"class_type": "ComfyTurboFleetTestImage",
+                  "inputs": {"seconds": FAULT_JOB_S, "size": 64, "noise": False, "seed": seed}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "fleet-bench/fault"}}}
+
+
+def running_on(workers) -> str | None:
+    for name, w in workers.items():
+        try:
+            if ComfyClient(w.comfyui_url).get_json("/queue")["queue_running"]:
+                return name
+        except Exception:
+            pass
+    return None
+
+
+def settle(fleet, workers, size: int, timeout: float = 300.0) -> None:
+    """Until both workers' ComfyUIs answer, both workers consume, and each has run a job (its model loaded)."""
+    deadline = time.monotonic() + timeout
+    for w in workers.values():
+        while True:
+            try:
+                ComfyClient(w.comfyui_url).check()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{w.name}'s ComfyUI did not come back")
+                time.sleep(0.5)
+    time.sleep(3)                          # the health checks resume the consumers (two polls)
+    wait_for_workers(fleet, workers, workers.values())
+    for name in workers:
+        fleet.wait([fleet.submit(job_prompt(random_seed(), size), worker=name)], timeout=300, raise_errors=True)
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def live_move(gateway, workers, graph_of, frames) -> float:
+    """A session through the gateway; its ComfyUI SIGKILLed: seconds until its first picture after that."""
+    import signal
+    import urllib.request
+    import uuid
+
+    from live_client import LiveClient, ServerLoop
+    session = f"bench-move-{uuid.uuid4().hex[:8]}"
+    loop = ServerLoop(LiveClient(gateway.url, session=session).connect(), graph_of(session), reattach_within=10)
+    try:
+        loop.drain(60)
+        home = None
+        for name, w in workers.items():
+            try:
+                urllib.request.urlopen(f"{w.comfyui_url}/comfy-turbo/live/{session}", timeout=5).close()
+                home = name
+            except OSError:
+                pass
+        for pid in workers[home].comfyui_pids():
+            os.kill(pid, signal.SIGKILL)
+        killed = time.perf_counter()
+        i = 0
+        while not (loop.reattachments and loop.outputs and loop.outputs[-1].shown_at > killed):
+            if time.perf_counter() - killed > 30 or loop.closed:
+                raise RuntimeError(f"the session did not come back through the gateway: {loop.errors}")
+            i += 1
+            loop.push_frame(frames[i % len(frames)])
+            loop.pump(0.05)
+        return loop.outputs[-1].shown_at - killed
+    finally:
+        loop.client.close()
+
+
+def measure_recovery(args, fleet, workers, relays, log) -> dict:
+    """Seconds from a fault on the worker running a job to that job's reply (see the module's docstring)."""
+    import signal
+    results = {"comfyui_outage": [], "partition": [], "worker_kill": []}
+    seed = 10_000
+    for fault in results:
+        for _ in range(args.fault_rounds):
+            seed += 1
+            job_id = fleet.submit(fault_job(seed))
+            deadline = time.monotonic() + 120
+            while (victim := running_on(workers)) is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the fault job did not start on a worker")
+                time.sleep(0.05)
+            time.sleep(0.5)                       # mid-job
+            started = time.perf_counter()
+            if fault == "comfyui_outage":
+                for pid in workers[victim].comfyui_pids():
+                    os.kill(pid, signal.SIGKILL)
+            elif fault == "partition":
+                relays[victim].cut()
+            else:
+                workers[victim].kill()
+            reply = fleet.wait([job_id], timeout=300, raise_errors=True)[job_id]
+            seconds = time.perf_counter() - started
+            if fault == "partition":
+                relays[victim].restore()
+            elif fault == "worker_kill":
+                workers[victim].start()
+            results[fault].append(seconds)
+            log(f"{fault} on {victim}: job delivered by {reply['worker']} {seconds:.1f} s after the fault")
+            settle(fleet, workers, args.size)
+    return {fault: {"runs": runs, "median": statistics.median(runs)} for fault, runs in results.items()}
+
+
+def measure_gateway(args, fleet, workers, tmp, log) -> dict:
+    """Round trips of one live frame, directly to w1's ComfyUI and through the gateway, in alternating blocks;
+    then, per fault round, the seconds from SIGKILLing a gateway session's ComfyUI to its first picture from
+    the other worker (``ServerLoop(reattach_within=10)``)."""
+    import io
+    import uuid
+
+    from PIL import Image
+    from live_client import LiveClient, ServerLoop
+    from scale.gateway import Gateway
+    ensure_debian_package("haproxy", "/usr/sbin/haproxy")
+    frames = []
+    for i in range(16):
+        buffer = io.BytesIO()
+        Image.new("RGB", (256, 256), (i * 15, 255 - i * 15, 128)).save(buffer, "JPEG", quality=90)
+        frames.append(buffer.getvalue())
+    timings = {"direct": [], "gateway": []}
+    moves = []
+
+    def graph_of(session):
+        return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": 0, "height": 0,
+                                                                 "source": "api"}},
+                "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
+                                                                  "format": "jpeg", "quality": 90}}}
+
+    gateway = Gateway({name: f"127.0.0.1:{w.port}" for name, w in workers.items()}, bind=f"127.0.0.1:{free_port()}",
+                      workdir=tmp / "gateway").start()
+    try:
+        for block in range(args.live_blocks * 2):
+            route = "direct" if block % 2 == 0 else "gateway"
+            session = f"bench-{uuid.uuid4().hex[:8]}"
+            client = LiveClient(workers["w1"].comfyui_url if route == "direct" else gateway.url, session=session)
+            loop = ServerLoop(client.connect(), graph_of(session))
+            try:
+                loop.drain(60)
+                for i in range(args.live_frames + 3):
+                    shown = len(loop.outputs)
+                    sent = time.perf_counter()
+                    loop.push_frame(frames[i % len(frames)])
+                    loop.pump(30, until=lambda: len(loop.outputs) > shown or loop.closed)
+                    if loop.closed or len(loop.outputs) == shown:
+                        raise RuntimeError(f"the live loop ({route}) stopped: {loop.errors}")
+                    if i >= 3:                                     # the first frames warm the session up
+                        timings[route].append(loop.outputs[-1].shown_at - sent)
+            finally:
+                client.close()
+        log(f"live frame round trip: direct {statistics.median(timings['direct']) * 1000:.2f} ms, "
+            f"gateway {statistics.median(timings['gateway']) * 1000:.2f} ms")
+        for _ in range(args.fault_rounds):
+            moves.append(live_move(gateway, workers, graph_of, frames))
+            log(f"a live session's ComfyUI killed: its next picture, from the other worker, "
+                f"{moves[-1]:.2f} s after the kill")
+            settle(fleet, workers, args.size)
+    finally:
+        gateway.stop()
+    return {"move_s": {"runs": moves, "median": statistics.median(moves)} if moves else None,"direct_ms": summary_ms(timings["direct"]), "gateway_ms": summary_ms(timings["gateway"]),
+            "added_ms": (statistics.median(timings["gateway"]) - statistics.median(timings["direct"])) * 1000,
+            "frames": len(timings["direct"])}
 
 
 def markdown(results: dict) -> str:
@@ -146,7 +335,44 @@ def markdown(results: dict) -> str:
         f"| throughput, 2 workers | {t['2']['median']:.2f} jobs/s |",
         f"| **2 workers / 1 worker** | **{m['ratio_2_vs_1']:.2f}×** |", "",
         "Two workers share this machine's cores (one torch thread each), so the ratio shows the fleet's "
-        "own cost more than a GPU fleet's scaling, where each worker has its own device.", ""])
+        "own cost more than a GPU fleet's scaling, where each worker has its own device.", "",
+        *recovery_markdown(m), *gateway_markdown(m)])
+
+
+FAULT_NAMES = {"comfyui_outage": "the worker's ComfyUI SIGKILLed (the worker starts it again)",
+               "partition": "the worker's link to the broker cut (heartbeat 10 s)",
+               "worker_kill": "the worker's process group SIGKILLed"}
+
+
+def recovery_markdown(m: dict) -> list[str]:
+    if "recovery" not in m:
+        return []
+    job = m["fault_job_s"]
+    rows = [f"Recovery: a {job:.0f} s job is running on a worker when that worker gets the fault; seconds from "
+            "the fault until the other worker has run the job again and its reply is in, median "
+            f"({', '.join(str(len(v['runs'])) for v in m['recovery'].values())} rounds):", "",
+            "| fault | fault → reply | less the job's own run |", "|---|---|---|"]
+    for fault, r in m["recovery"].items():
+        rows.append(f"| {FAULT_NAMES[fault]} | {r['median']:.1f} s ({', '.join(f'{x:.1f}' for x in r['runs'])}) | "
+                    f"{r['median'] - job:.1f} s |")
+    return rows + [""]
+
+
+def gateway_markdown(m: dict) -> list[str]:
+    if "gateway" not in m:
+        return []
+    g = m["gateway"]
+    move = ([f"| a session's ComfyUI SIGKILLed: from the kill to its next picture, from the other worker "
+             f"(`ServerLoop(reattach_within=10)`) | {g['move_s']['median']:.2f} s "
+             f"({', '.join(f'{x:.2f}' for x in g['move_s']['runs'])}) |"] if g.get("move_s") else [])
+    return ["Live gateway: one session's frame round trip (frame sent → its picture back, a pass-through graph, "
+            f"256² JPEG), {g['frames']} frames per route, median (p10–p90):", "",
+            "| route | round trip |", "|---|---|",
+            f"| directly to a worker's ComfyUI | {g['direct_ms']['median']:.2f} ms ({g['direct_ms']['p10']:.2f}–"
+            f"{g['direct_ms']['p90']:.2f}) |",
+            f"| through the gateway (HAProxy, scale/haproxy.cfg) | {g['gateway_ms']['median']:.2f} ms "
+            f"({g['gateway_ms']['p10']:.2f}–{g['gateway_ms']['p90']:.2f}) |",
+            f"| **added by the gateway per frame** | **{g['added_ms']:+.2f} ms** |", *move, ""]
 
 
 def main(argv=None) -> int:
@@ -154,6 +380,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds per worker count")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--fault-rounds", type=int, default=2, help="rounds per fault for the recovery times")
+    parser.add_argument("--live-blocks", type=int, default=3, help="blocks per route (direct, gateway)")
+    parser.add_argument("--live-frames", type=int, default=40, help="frames per block")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale")
     parser.add_argument("--name", help="results file name (default: cpu-<cpu model>)")
     parser.add_argument("--page", type=Path, metavar="PAGE",

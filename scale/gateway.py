@@ -96,6 +96,7 @@ class Gateway:
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{port}"
 
     def start(self, timeout: float = 10.0) -> "Gateway":
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(render(self.backends, self.bind))
         binary = haproxy_binary()
         check = subprocess.run([binary, "-c", "-q", "-f", str(self.config)], capture_output=True, text=True)

@@ -300,6 +300,27 @@ def gateway(workers, tmp_path_factory):
     instance.stop()
 
 
+def test_the_gateway_config_is_valid_haproxy_and_bad_backends_are_named():
+    import subprocess
+
+    from scale.gateway import TEMPLATE, GatewayError, haproxy_binary, main, parse_backend, render
+    ensure_debian_package("haproxy", "/usr/sbin/haproxy")
+    config = render(dict(parse_backend(b) for b in ("gpu0=10.0.0.5:8188", "10.0.0.6:8188")), "0.0.0.0:8190")
+    assert "    bind 0.0.0.0:8190" in config and config.count("    server ") == 2
+    assert "server gpu0 10.0.0.5:8188 check" in config and "server 10.0.0.6-8188 10.0.0.6:8188 check" in config
+    for text in (TEMPLATE.read_text(), config):                 # the committed file, and one rendered from it
+        check = subprocess.run([haproxy_binary(), "-c", "-f", "/dev/stdin"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    for bad, message in (("gpu0=10.0.0.5", "is not HOST:PORT"), ("gpu 0=10.0.0.5:1", "backend name"),
+                         ("gpu0=10.0.0.5:70000", "is not HOST:PORT")):
+        with pytest.raises(GatewayError, match=message):
+            parse_backend(bad)
+    with pytest.raises(GatewayError, match="at least one --backend"):
+        render({})
+    with pytest.raises(SystemExit):
+        main(["print", "--backend", "a=1.2.3.4:1", "--backend", "a=1.2.3.4:2"])      # the same name twice
+
+
 def live_passthrough(session: str, quality: int = 90) -> dict:
     return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": 0, "height": 0,
                                                               "source": "api"}},
