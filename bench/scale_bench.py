@@ -25,9 +25,10 @@ client gets it.
   other worker sends after running it again; less the job's own run, it is the fleet's detection and
   handover. Each worker's link goes through a relay, in every phase.
 * Live gateway: one live session (a pass-through graph, 256x256 JPEG frames) sends a frame, waits for
-  its picture, and sends the next, in blocks alternating between w1's ComfyUI directly and the gateway
-  (scale/haproxy.cfg, HAProxy) in front of both; the gateway's cost per frame is the difference of the
-  median round trips.
+  its picture, and sends the next, in blocks alternating between w1's ComfyUI directly and a gateway
+  (scale/haproxy.cfg, HAProxy) in front of w1 alone; the gateway's cost per frame is the difference of
+  the median round trips. Then, per fault round, a session through a gateway in front of both workers
+  has its ComfyUI SIGKILLed: seconds to its next picture, from the other worker.
 """
 from __future__ import annotations
 
@@ -206,6 +207,8 @@ def live_move(gateway, workers, graph_of, frames) -> float:
                 home = name
             except OSError:
                 pass
+        if home is None:
+            raise RuntimeError(f"no worker's ComfyUI has the session {session}")
         for pid in workers[home].comfyui_pids():
             os.kill(pid, signal.SIGKILL)
         killed = time.perf_counter()
@@ -225,6 +228,7 @@ def measure_recovery(args, fleet, workers, relays, log) -> dict:
     """Seconds from a fault on the worker running a job to that job's reply (see the module's docstring)."""
     import signal
     results = {"comfyui_outage": [], "partition": [], "worker_kill": []}
+    by_other = {fault: [] for fault in results}           # whether the other worker delivered the job
     seed = 10_000
     for fault in results:
         for _ in range(args.fault_rounds):
@@ -246,6 +250,7 @@ def measure_recovery(args, fleet, workers, relays, log) -> dict:
                 workers[victim].kill()
             reply = fleet.wait([job_id], timeout=300, raise_errors=True)[job_id]
             seconds = time.perf_counter() - started
+            by_other[fault].append(reply["worker"] != victim)
             if fault == "partition":
                 relays[victim].restore()
             elif fault == "worker_kill":
@@ -253,7 +258,8 @@ def measure_recovery(args, fleet, workers, relays, log) -> dict:
             results[fault].append(seconds)
             log(f"{fault} on {victim}: job delivered by {reply['worker']} {seconds:.1f} s after the fault")
             settle(fleet, workers, args.size)
-    return {fault: {"runs": runs, "median": statistics.median(runs)} for fault, runs in results.items()}
+    return {fault: {"runs": runs, "median": statistics.median(runs), "by_other_worker": by_other[fault]}
+            for fault, runs in results.items()}
 
 
 def measure_gateway(args, fleet, workers, tmp, log) -> dict:
@@ -281,8 +287,9 @@ def measure_gateway(args, fleet, workers, tmp, log) -> dict:
                 "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
                                                                   "format": "jpeg", "quality": 90}}}
 
-    gateway = Gateway({name: f"127.0.0.1:{w.port}" for name, w in workers.items()}, bind=f"127.0.0.1:{free_port()}",
-                      workdir=tmp / "gateway").start()
+    gateway = Gateway({"w1": f"127.0.0.1:{workers['w1'].port}"}, bind=f"127.0.0.1:{free_port()}",
+                      workdir=tmp / "gateway-w1").start()
+    both = None
     try:
         for block in range(args.live_blocks * 2):
             route = "direct" if block % 2 == 0 else "gateway"
@@ -304,13 +311,18 @@ def measure_gateway(args, fleet, workers, tmp, log) -> dict:
                 client.close()
         log(f"live frame round trip: direct {statistics.median(timings['direct']) * 1000:.2f} ms, "
             f"gateway {statistics.median(timings['gateway']) * 1000:.2f} ms")
+        both = Gateway({name: f"127.0.0.1:{w.port}" for name, w in workers.items()}, bind=f"127.0.0.1:{free_port()}",
+                       workdir=tmp / "gateway").start()
+        time.sleep(3)                       # both servers through their first health checks
         for _ in range(args.fault_rounds):
-            moves.append(live_move(gateway, workers, graph_of, frames))
+            moves.append(live_move(both, workers, graph_of, frames))
             log(f"a live session's ComfyUI killed: its next picture, from the other worker, "
                 f"{moves[-1]:.2f} s after the kill")
             settle(fleet, workers, args.size)
     finally:
         gateway.stop()
+        if both is not None:
+            both.stop()
     return {"move_s": {"runs": moves, "median": statistics.median(moves)} if moves else None,"direct_ms": summary_ms(timings["direct"]), "gateway_ms": summary_ms(timings["gateway"]),
             "added_ms": (statistics.median(timings["gateway"]) - statistics.median(timings["direct"])) * 1000,
             "frames": len(timings["direct"])}
@@ -353,7 +365,9 @@ def recovery_markdown(m: dict) -> list[str]:
             f"({', '.join(str(len(v['runs'])) for v in m['recovery'].values())} rounds):", "",
             "| fault | fault → reply | less the job's own run |", "|---|---|---|"]
     for fault, r in m["recovery"].items():
-        rows.append(f"| {FAULT_NAMES[fault]} | {r['median']:.1f} s ({', '.join(f'{x:.1f}' for x in r['runs'])}) | "
+        by_self = len(r.get("by_other_worker", [])) - sum(r.get("by_other_worker", []))
+        note = f" ({by_self} of the rounds' jobs came back from the faulted worker itself)" if by_self else ""
+        rows.append(f"| {FAULT_NAMES[fault]} | {r['median']:.1f} s ({', '.join(f'{x:.1f}' for x in r['runs'])}){note} | "
                     f"{r['median'] - job:.1f} s |")
     return rows + [""]
 

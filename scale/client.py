@@ -4,6 +4,7 @@
         --count 20 --seed 1 --prompt "a lighthouse at dusk" --width 512 --height 512 --out results/
     python -m scale.client --broker ... workers
     python -m scale.client --broker ... dead            # the poison jobs in the dead-letter queue
+    python -m scale.client gateway print --backend gpu0=10.0.0.5:8188 ...   # the live gateway (scale/gateway.py)
 
     from scale.client import Fleet
     with Fleet("amqp://...") as fleet:
@@ -262,7 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timeout", type=float, default=3600.0)
     commands.add_parser("workers", help="list the workers that answer")
     commands.add_parser("dead", help=f"list the poison jobs in the dead-letter queue {DEAD_LETTER_QUEUE}")
-    args = parser.parse_args(argv)
+    gateway = commands.add_parser("gateway", add_help=False,
+                                  help="print or run the live gateway's HAProxy config (python -m scale.gateway)")
+    gateway.add_argument("gateway_args", nargs=argparse.REMAINDER)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "gateway":                       # needs no broker
+        from . import gateway as gateway_module
+        return gateway_module.main(args.gateway_args + rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     with Fleet(args.broker) as fleet:
         if args.command == "workers":

@@ -3,8 +3,8 @@
     python -m scale.gateway print --bind 0.0.0.0:8190 --backend gpu0=10.0.0.5:8188 --backend gpu1=10.0.0.6:8188
     python -m scale.gateway run   --bind 0.0.0.0:8190 --backend gpu0=10.0.0.5:8188 --backend gpu1=10.0.0.6:8188
 
-``print`` writes scale/haproxy.cfg with these workers; ``run`` starts HAProxy (Debian's ``haproxy``) with
-it in the foreground. Live clients then connect to the gateway instead of a ComfyUI:
+``print`` prints scale/haproxy.cfg with these workers (for /etc/haproxy/haproxy.cfg); ``run`` starts HAProxy
+(Debian's ``haproxy``) with it in the foreground. ``python -m scale.client gateway ...`` is the same. Live clients then connect to the gateway instead of a ComfyUI:
 ``python scripts/live_client.py``'s ``LiveClient("http://gateway:8190", session=...)``, with
 ``ServerLoop(..., reattach_within=10)`` to move to another worker when theirs dies. What the gateway does
 and does not guarantee is in docs/scale.md.
@@ -27,6 +27,7 @@ from pathlib import Path
 TEMPLATE = Path(__file__).resolve().with_name("haproxy.cfg")
 DEFAULT_BIND = "127.0.0.1:8190"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]{1,253}|[0-9A-Fa-f:]+|\*)$")     # a name, IPv4, [IPv6], *
 
 
 class GatewayError(RuntimeError):
@@ -35,9 +36,9 @@ class GatewayError(RuntimeError):
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not _HOST.match(host) or not port.isdigit() or not 0 < int(port) < 65536:
         raise GatewayError(f"{what} {text!r} is not HOST:PORT (for example 10.0.0.5:8188)")
-    return host.strip("[]"), int(port)
+    return host, int(port)
 
 
 def parse_backend(text: str) -> tuple[str, str]:
@@ -95,6 +96,10 @@ class Gateway:
         host, port = _host_port(self.bind, "--bind")
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{port}"
 
+    def _address(self) -> tuple[str, int]:
+        host, port = _host_port(self.bind, "--bind")
+        return ("127.0.0.1" if host in ("0.0.0.0", "*") else host.strip("[]")), port
+
     def start(self, timeout: float = 10.0) -> "Gateway":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(render(self.backends, self.bind))
@@ -105,13 +110,12 @@ class Gateway:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([binary, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        host, port = _host_port(self.bind, "--bind")
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 raise GatewayError(f"HAProxy exited with status {self.process.returncode}:\n{self.log()}")
             try:
-                socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "*") else host, port), 0.5).close()
+                socket.create_connection(self._address(), 0.5).close()
                 return self
             except OSError:
                 if time.monotonic() > deadline:
@@ -139,7 +143,8 @@ class Gateway:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scale.gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("print", "run"), help="print the HAProxy config, or run HAProxy with it")
     parser.add_argument("--backend", action="append", default=[], metavar="NAME=HOST:PORT",
                         help="a worker's ComfyUI (repeat for each worker)")

@@ -51,8 +51,10 @@ def start_comfyui(comfyui: Path, base: Path, port: int, extra: list[str], python
     log_file = open(base / f"comfyui-{port}.log", "ab")
     cmd = [python, "-u", str(comfyui / "main.py"), "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--disable-auto-launch", *extra]
-    # Same process group as the worker: a signal to the group reaches both.
-    return subprocess.Popen(cmd, cwd=comfyui, stdout=log_file, stderr=subprocess.STDOUT)
+    # Same process group as the worker: a signal to the group reaches both. The child keeps its own copy of
+    # the log's descriptor; the worker's is closed, so restarts do not pile up open files.
+    with log_file:
+        return subprocess.Popen(cmd, cwd=comfyui, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def wait_ready(client: ComfyClient, process: subprocess.Popen | None, timeout: float) -> None:
@@ -83,6 +85,7 @@ class ComfySupervisor:
         self.max_restarts, self.quick_s = max_restarts, quick_s
         self.process: subprocess.Popen = start()
         self.restarts = 0
+        self._lock = threading.Lock()         # stop() never races a restart: no ComfyUI outlives its worker
 
     def watch(self) -> None:
         failed_starts = 0                     # starts in a row that never answered (a crash after is no count)
@@ -93,9 +96,12 @@ class ComfySupervisor:
             if failed_starts > self.max_restarts:
                 log.error("ComfyUI failed to start %d times in a row: stopping this worker", failed_starts)
                 os._exit(3)
-            log.error("ComfyUI exited with status %s: starting it again", self.process.returncode)
-            self.process = self.start()
-            self.restarts += 1
+            with self._lock:
+                if STOPPING.is_set():
+                    return
+                log.error("ComfyUI exited with status %s: starting it again", self.process.returncode)
+                self.process = self.start()
+                self.restarts += 1
             try:
                 wait_ready(self.client, self.process, self.startup_timeout)
                 failed_starts = 0
@@ -107,13 +113,15 @@ class ComfySupervisor:
                     self.process.kill()
 
     def stop(self) -> None:
-        STOPPING.set()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        with self._lock:
+            STOPPING.set()
+            process = self.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=20)
+                process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                process.kill()
 
 
 @control_command(args=[("consume", bool)], signature="<consume>")

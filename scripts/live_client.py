@@ -200,10 +200,13 @@ class LiveClient:
 
     def reconnect(self, timeout: float = 2.0) -> "LiveClient":
         """Both websockets again, as a new attachment (through a gateway: to another worker if this
-        session's worker is gone); the session there is a new one, with its own token."""
+        session's worker is gone), under a new client id: the old /ws may still be closing on its server,
+        which would drop the new one's registration if it had the same id. The session there is a new
+        one, with its own token."""
         self.close()
         self.http = Http(self.url)
         self.comfy_ws = self.live_ws = self.attached = None
+        self.client_id = uuid.uuid4().hex
         return self.connect(timeout)
 
     def close(self) -> None:
@@ -561,6 +564,7 @@ class ServerLoop(_Loop):
         self._finished: set[str] = set()
         self._sent_prompt: dict | None = None
         self._answers_due = 0                # graph / set commands not answered yet
+        self._runs_before_move = 0           # runs queued before the last move (lost with it)
         self._edited_at: float | None = None
         self._run_input_time: dict[str, float | None] = {}
         self._last_taken_at = 0.0
@@ -640,25 +644,30 @@ class ServerLoop(_Loop):
             return self._frame_id               # that frame is lost with the old connection; the next one goes
 
     def _reattach(self, reason: str) -> bool:
-        """Connect again within ``reattach_within`` seconds and hand the graph over; False if that failed."""
+        """Connect again within ``reattach_within`` seconds and hand the graph over; if that fails, the loop
+        is closed (``closed``, the reason in ``errors``) and False."""
+        if self.closed:
+            return False
         lost_at = time.perf_counter()
         deadline = lost_at + self.reattach_within
         while True:
             try:
                 self.client.reconnect(timeout=max(0.5, min(2.0, deadline - time.perf_counter())))
+                self._send_graph()
                 break
-            except (OSError, LiveError, websocket.WebSocketException) as e:
+            except (OSError, ValueError, LiveError, websocket.WebSocketException) as e:
                 if time.perf_counter() + 0.2 >= deadline:
-                    self.errors.append(f"could not reattach within {self.reattach_within:.0f} s: {e!r}")
+                    self.errors.append(f"{reason}; could not reattach within {self.reattach_within:.0f} s: {e!r}")
+                    self.closed = True
                     return False
                 time.sleep(0.2)
-        # What the lost connection held is gone with it: its run never finishes, its frames were not taken.
-        if self.in_flight is not None:
-            self._finished.add(self.in_flight)
-        self._consumed, self._answers_due = self._frame_id, 0
+        # What the lost connection held is gone with it: its runs never finish, its frames were not taken,
+        # and only the graph just handed over is waiting for an answer.
+        self._finished.update(self.prompts)
+        self._runs_before_move = len(self.prompts)
+        self._consumed, self._answers_due = self._frame_id, 1
         self._taken_at.clear()
         self.reattachments.append({"reason": reason, "lost_at": lost_at, "attached_at": time.perf_counter()})
-        self._send_graph()
         return True
 
     def settled(self) -> bool:
@@ -668,7 +677,7 @@ class ServerLoop(_Loop):
             and not self._picture_due()
 
     def _picture_due(self) -> bool:
-        run = self.prompts[-1] if self.prompts else None
+        run = self.prompts[-1] if len(self.prompts) > self._runs_before_move else None
         outputs = {node_id for node_id, node in self.prompt.items() if node.get("class_type") == "TurboLiveOutput"}
         ran_output = any(node in outputs for node, _ in self.executed.get(run, []))
         return ran_output and not any(o.prompt_id == run for o in self.outputs[-4:])

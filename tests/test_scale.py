@@ -373,6 +373,9 @@ def test_live_sessions_through_the_gateway_keep_to_one_worker_and_move_when_it_d
             loop.drain(60)
         homes = {s: live_homes(workers, s) for s in sessions}
         assert all(len(h) == 1 for h in homes.values()), f"a session should live on one worker: {homes}"
+        for path in ("/queue", "/system_stats", "/interrupt", "/api/free"):    # only the live client's routes pass
+            with pytest.raises(urllib.error.HTTPError, match="403"):
+                comfy_get(gateway.url, path)
         assert {h[0] for h in homes.values()} == {"w1", "w2"}, f"the sessions should spread: {homes}"
         for s, loop in loops.items():
             assert not loop.errors and not loop.refusals and not loop.reattachments, (loop.errors, loop.refusals)
