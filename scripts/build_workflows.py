@@ -199,8 +199,9 @@ SPECS += [
          "timesteps 999, 749, 499, 249. " + FAMILY_SAMPLING + " For DMD2's 1-step UNet (t=399), load it with "
          "family `dmd2` and set steps to 1: it starts from unit noise, as diffusers does, where ComfyUI's "
          "own noise scaling would be 24 % too small.",
-         FAMILY_LORA_GRAPH, "DMD2's weights are under a non-commercial licence (CC BY-NC); read it on the "
-                            "model page. The SDXL base model is under OpenRAIL++."),
+         FAMILY_LORA_GRAPH, "DMD2's authors release it under a non-commercial, share-alike licence (CC BY-NC-SA "
+                            "4.0, in their repository github.com/tianweiy/DMD2); read it before use. The SDXL "
+                            "base model is under OpenRAIL++."),
     Spec("turbo_hyper_sd_tcd", "Hyper-SD: SDXL in 1 step with the unified LoRA and TCD",
          "The SDXL base model with Hyper-SD's unified LoRA, sampled as its authors do: the TCD sampler, which "
          "ComfyUI has no core node for. *gamma* is TCD's stochasticity (diffusers' `eta`): -1 keeps the "
@@ -359,9 +360,7 @@ def build_ui(spec: Spec, api: dict, object_info: dict, version: str | None = Non
                 if is_link(value):
                     inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
                     value = options.get("default")   # the widget keeps a value while its socket is linked
-                elif value is None and optional and "default" in options:
-                    value = options["default"]       # an optional widget the API twin leaves at its default
-                elif value is None:
+                elif value is None:                  # the twins give every widget, optional ones too
                     raise KeyError(f"{spec.name}: node {node_id} ({class_type}) gives no value for {name}")
                 widgets_values.append(value)
                 if kind == "INT" and options.get("control_after_generate"):

@@ -32,7 +32,8 @@ from PIL import Image
 
 from comfy_host import PACK_DIR_NAME
 from live_browser import run_live_workflow, stop_live
-from workflow_utils import TEST_SIZE, gallery_names_by_checkpoint, is_live, load_api_twin, load_ui, node_of
+from workflow_utils import (FLOW_STAND_IN_TEXT_LOADER, T5_TEXT_LOADERS, TEST_SIZE, gallery_names_by_checkpoint,
+                            is_live, load_api_twin, load_ui, node_of)
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -90,9 +91,10 @@ NOTICES = """(roles) => Array.from(document.querySelectorAll(roles.map(r => `[ro
 LOAD_NOTICE_ROLES = ["dialog", "alertdialog", "alert", "status"]
 RUN_NOTICE_ROLES = ["dialog", "alertdialog", "alert"]     # "1 job completed" may be a status
 # Test-only: queue the graph with every Empty Latent Image at a small size (the graph itself keeps 512), and
-# a T5 text-encoder loader replaced by ComfyUI's T5-less SD3 text path (workflow_utils.flow_stand_in_text).
+# a T5 text-encoder loader replaced by ComfyUI's T5-less SD3 text path (workflow_utils.flow_stand_in_text,
+# whose node lists it is given).
 SHRINK_QUEUED_PROMPT = """
-(size) => {
+({size, t5Loaders, standIn}) => {
   const toPrompt = app.graphToPrompt.bind(app);
   app.graphToPrompt = async (...args) => {
     const prompt = await toPrompt(...args);
@@ -100,9 +102,9 @@ SHRINK_QUEUED_PROMPT = """
       if (node.class_type === 'EmptyLatentImage' || node.class_type === 'EmptySD3LatentImage') {
         node.inputs.width = size; node.inputs.height = size;
       }
-      if (node.class_type === 'TripleCLIPLoader' || node.class_type === 'DualCLIPLoader') {
-        node.class_type = 'CLIPLoader';
-        node.inputs = {clip_name: 'clip_l.safetensors', type: 'sd3'};
+      if (t5Loaders.includes(node.class_type)) {
+        node.class_type = standIn.class_type;
+        node.inputs = {...standIn.inputs};
       }
     }
     return prompt;
@@ -284,7 +286,8 @@ def test_workflow_opens_and_runs_in_the_web_ui(ui_page, name):
         assert page.problems == []
         return
 
-    page.evaluate(SHRINK_QUEUED_PROMPT, TEST_SIZE)
+    page.evaluate(SHRINK_QUEUED_PROMPT, {"size": TEST_SIZE, "t5Loaders": list(T5_TEXT_LOADERS),
+                                         "standIn": FLOW_STAND_IN_TEXT_LOADER})
     with page.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as sent:
         page.page.get_by_role("button", name="Run", exact=True).first.click()
     queued = sent.value.json()

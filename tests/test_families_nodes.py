@@ -50,9 +50,10 @@ def pack(comfy):
     import comfy_turbo.nodes.families as families
     import comfy_turbo.nodes.ksampler_names as names
     import comfy_turbo.nodes.loader as loader
+    import comfy_turbo.nodes.sampler as sampler
     from comfy_turbo.samplers import families as F
     names.register()
-    return type("Pack", (), {"families": families, "names": names, "loader": loader, "F": F})
+    return type("Pack", (), {"families": families, "names": names, "loader": loader, "sampler": sampler, "F": F})
 
 
 def tiny_flow_model(kind: str):
@@ -331,6 +332,22 @@ def test_sampler_custom_with_the_nodes_outputs_is_the_familys_loop(pack, models,
                                       sigma_of_timestep=base.get_model_object("model_sampling").sigma)
     expected = reference(pack, base, schedule, noise, latent)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,steps,strength", [("dmd2", 4, 1.0), ("dmd2", 1, 1.0), ("sdxl-lightning", 1, 1.0),
+                                                    ("lcm", 4, 1.0), ("tcd", 4, 0.75), ("hyper-sd", 4, 0.5),
+                                                    ("sd-turbo", 2, 1.0)])
+def test_turbo_sampler_with_the_nodes_sampler_equals_sampler_custom(pack, models, family, steps, strength):
+    """Turbo Sampler fed Turbo Family Schedule's MODEL, SIGMAS and SAMPLER samples what SamplerCustom does
+    with them (same seed, cfg 1): the family's sampler, initial noise and model patch all reach it."""
+    base = models[ON[family]]
+    out_model, sigmas, sampler = node(pack, stand_in(base), family, steps, strength)
+    latent = torch.zeros(1, channels(base), LATENT, LATENT) if strength == 1.0 else \
+        torch.randn(1, channels(base), LATENT, LATENT, generator=torch.Generator().manual_seed(2))
+    custom, _ = sample_custom(out_model, sampler, sigmas, latent)
+    (turbo,) = pack.sampler.TurboSampler.execute(out_model, conditioning(base), {"samples": latent}, sigmas, SEED,
+                                                 sampler=sampler).result
+    torch.testing.assert_close(turbo["samples"], custom, rtol=1e-5, atol=1e-5)
 
 
 def test_tcd_gamma_reaches_the_sampler(pack, models):

@@ -104,6 +104,26 @@ def test_sampler_node_in_core_sampler_custom(host):
     assert set(_progress_maxima(result)) == {2}
 
 
+def test_an_api_prompt_from_before_the_family_input_runs_as_turbo(host):
+    """An API prompt saved before Load Turbo Checkpoint had ``family`` (issue 20) queues and gives the
+    pixels of family 'turbo' (PNG bytes differ only in the embedded prompt)."""
+    import io
+
+    from PIL import Image
+
+    def pixels(prompt) -> bytes:
+        result = host.run(prompt)
+        assert result.status == "success", result.error
+        with Image.open(io.BytesIO(host.view(result.images()[0]))) as img:
+            return img.tobytes()
+
+    older = txt2img(SD_TURBO, seed=7, prefix="test/older")
+    del node_of(older, "TurboCheckpointLoader")["inputs"]["family"]
+    current = txt2img(SD_TURBO, seed=7, prefix="test/current")
+    assert node_of(current, "TurboCheckpointLoader")["inputs"]["family"] == "turbo"
+    assert pixels(older) == pixels(current)
+
+
 def test_wrong_family_is_refused_and_server_recovers(host):
     result = host.run(txt2img(SD15, prefix="test/wrong"))
     assert result.status == "error"

@@ -93,6 +93,8 @@ USER_MODEL_STAND_INS = {
 MODEL_LOADERS = {"TurboCheckpointLoader": ("checkpoints", "ckpt_name"),
                  "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"), "UNETLoader": ("diffusion_models", "unet_name")}
 T5_TEXT_LOADERS = ("TripleCLIPLoader", "DualCLIPLoader")
+# What replaces them in a test run (here and in the browser tests' queued prompt): ComfyUI's T5-less SD3 text path.
+FLOW_STAND_IN_TEXT_LOADER = {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
 
 
 def gallery_names() -> list[str]:
@@ -123,8 +125,7 @@ def flow_stand_in_text(prompt: dict) -> dict:
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         if node["class_type"] in T5_TEXT_LOADERS:
-            node["class_type"] = "CLIPLoader"
-            node["inputs"] = {"clip_name": "clip_l.safetensors", "type": "sd3"}
+            node.update(copy.deepcopy(FLOW_STAND_IN_TEXT_LOADER))
     return prompt
 
 
