@@ -555,6 +555,7 @@ class ServerLoop(_Loop):
     reasons: dict = field(default_factory=dict)          # run prompt id -> why the server queued it
     executed: dict = field(default_factory=dict)         # run prompt id -> [(node id, arrival time)]
     taken: dict = field(default_factory=dict)            # run prompt id -> frame id it read
+    steps: dict = field(default_factory=dict)            # run prompt id -> its sampler's step count (progress max)
     max_queue_remaining: int = 0
     closed: bool = False
 
@@ -752,6 +753,8 @@ class ServerLoop(_Loop):
             return
         if kind == "executing" and data.get("node") is not None:
             self.executed.setdefault(prompt_id, []).append((data["node"], at))
+        if kind == "progress":
+            self.steps[prompt_id] = max(self.steps.get(prompt_id, 0), int(data.get("max") or 0))
         if kind == "execution_error":
             self.errors.append(f"{data.get('node_type')}: {data.get('exception_message')}")
         if (kind == "executing" and data.get("node") is None) or kind in ("execution_error", "execution_interrupted"):

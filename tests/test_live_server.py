@@ -212,7 +212,8 @@ def test_live_twin_streams_frames_at_its_size_with_taesd(host, user_models, name
 def test_a_live_session_samples_a_dmd2_model(host, user_models):
     """The live text-to-image twin with the DMD2 recipe (issue 20): Load Turbo Checkpoint and Turbo Family
     Schedule set to dmd2 at 4 steps (LCM's sampler at 999/749/499/249, unit initial noise) streams pictures,
-    and they are not the SDXL-Turbo recipe's at the same seed and text."""
+    its runs sample 4 steps where the SDXL-Turbo recipe's take 1, and the pictures differ at the same seed
+    and text."""
     session = "twin-dmd2"
     turbo = live_twin("turbo_live_txt2img", session, TEST_SIZE)
     dmd2 = copy.deepcopy(turbo)
@@ -223,11 +224,15 @@ def test_a_live_session_samples_a_dmd2_model(host, user_models):
         loop.edit(with_text(dmd2, "a lighthouse at dusk"))
         wait_for(loop, lambda: len(loop.outputs) > 0, timeout=300)
         loop.edit(with_text(turbo, "a lighthouse at dusk"))
-        wait_for(loop, lambda: len(loop.outputs) > 1, timeout=300)
+        turbo_steps = node_of(turbo, "TurboFamilySchedule")["inputs"]["steps"]
+        assert turbo_steps != 4
+        # The turbo run's picture: the first from a run that sampled turbo's step count.
+        wait_for(loop, lambda: loop.outputs and loop.steps.get(loop.outputs[-1].prompt_id) == turbo_steps, timeout=300)
         assert not loop.errors
+        assert loop.steps[loop.outputs[0].prompt_id] == 4            # DMD2's four steps, one progress tick each
         with Image.open(io.BytesIO(loop.outputs[0].image)) as img:
             assert (img.format, img.size) == ("JPEG", (TEST_SIZE, TEST_SIZE))
-        assert loop.outputs[0].image != loop.outputs[1].image
+        assert loop.outputs[0].image != loop.outputs[-1].image
     assert "with the sdxl-turbo recipe" not in host.log_path.read_text()     # loader and schedule agree
 
 
