@@ -266,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     gateway = commands.add_parser("gateway", add_help=False,
                                   help="print or run the live gateway's HAProxy config (python -m scale.gateway)")
     gateway.add_argument("gateway_args", nargs=argparse.REMAINDER)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "gateway":                       # needs no broker
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(raw)
+    if args.command == "gateway":                       # needs no broker; everything after it is the gateway's
         from . import gateway as gateway_module
-        return gateway_module.main(args.gateway_args + rest)
+        return gateway_module.main(raw[raw.index("gateway") + 1:])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 

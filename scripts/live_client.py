@@ -694,8 +694,8 @@ class ServerLoop(_Loop):
             self.pump(0.05)
 
     def _handle(self, source: str, message, at: float) -> None:
-        if self.reattach_within and (isinstance(message, Exception) or message in ("", b"")) \
-                and self._reattach(f"{source} websocket closed: {message!r}"):
+        if self.reattach_within and (isinstance(message, Exception) or message in ("", b"")):
+            self._reattach(f"{source} websocket closed: {message!r}")     # on failure: closed, with the reason
             return
         if self._closed_by(source, message):
             return

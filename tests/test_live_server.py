@@ -220,8 +220,7 @@ def test_a_live_session_samples_a_dmd2_model(host, user_models):
     node_of(dmd2, "TurboCheckpointLoader")["inputs"]["family"] = "dmd2"
     node_of(dmd2, "TurboFamilySchedule")["inputs"].update(family="dmd2", steps=4)
     with LiveClient(host.url, session) as client:
-        loop = ServerLoop(client, dmd2)
-        loop.edit(with_text(dmd2, "a lighthouse at dusk"))
+        loop = ServerLoop(client, with_text(dmd2, "a lighthouse at dusk"))
         wait_for(loop, lambda: len(loop.outputs) > 0, timeout=300)
         loop.edit(with_text(turbo, "a lighthouse at dusk"))
         turbo_steps = node_of(turbo, "TurboFamilySchedule")["inputs"]["steps"]

@@ -312,13 +312,20 @@ def test_the_gateway_config_is_valid_haproxy_and_bad_backends_are_named():
         check = subprocess.run([haproxy_binary(), "-c", "-f", "/dev/stdin"], input=text, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
     for bad, message in (("gpu0=10.0.0.5", "is not HOST:PORT"), ("gpu 0=10.0.0.5:1", "backend name"),
-                         ("gpu0=10.0.0.5:70000", "is not HOST:PORT")):
+                         ("gpu0=10.0.0.5:70000", "is not HOST:PORT"), ("gpu0=bad host:1", "is not HOST:PORT")):
         with pytest.raises(GatewayError, match=message):
             parse_backend(bad)
     with pytest.raises(GatewayError, match="at least one --backend"):
         render({})
     with pytest.raises(SystemExit):
         main(["print", "--backend", "a=1.2.3.4:1", "--backend", "a=1.2.3.4:2"])      # the same name twice
+
+
+def test_the_fleet_cli_prints_the_gateway_config(capsys):
+    from scale.client import main
+    assert main(["gateway", "--bind", "127.0.0.1:9", "print", "--backend", "gpu0=[::1]:8188"]) == 0
+    printed = capsys.readouterr().out
+    assert "    bind 127.0.0.1:9" in printed and "    server gpu0 [::1]:8188 check" in printed
 
 
 def live_passthrough(session: str, quality: int = 90) -> dict:
@@ -373,9 +380,11 @@ def test_live_sessions_through_the_gateway_keep_to_one_worker_and_move_when_it_d
             loop.drain(60)
         homes = {s: live_homes(workers, s) for s in sessions}
         assert all(len(h) == 1 for h in homes.values()), f"a session should live on one worker: {homes}"
-        for path in ("/queue", "/system_stats", "/interrupt", "/api/free"):    # only the live client's routes pass
+        for path in ("/queue", "/system_stats", "/interrupt", "/api/free", "/"):   # only the live client's routes pass
             with pytest.raises(urllib.error.HTTPError, match="403"):
                 comfy_get(gateway.url, path)
+        for s in sessions:                  # the pack's routes under ComfyUI's /api prefix stick to the session too
+            assert comfy_get(gateway.url, f"/api/comfy-turbo/live/{s}")["attached"], s
         assert {h[0] for h in homes.values()} == {"w1", "w2"}, f"the sessions should spread: {homes}"
         for s, loop in loops.items():
             assert not loop.errors and not loop.refusals and not loop.reattachments, (loop.errors, loop.refusals)
