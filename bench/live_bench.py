@@ -76,7 +76,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "bench"))
 from comfy_host import ComfyHost, default_comfyui_path  # noqa: E402
-from live_client import Http, LiveClient, LiveLoop, ServerLoop, percentile  # noqa: E402
+from live_client import (Http, LiveClient, LiveLoop, ServerLoop, passthrough_graph as passthrough,  # noqa: E402
+                         percentile)
 
 import models as bench_models  # noqa: E402
 import report  # noqa: E402
@@ -335,13 +336,6 @@ def turns(i: int) -> tuple[str, ...]:
 
 
 # --- the measurements -----------------------------------------------------------------------------
-
-def passthrough(session: str) -> dict:
-    return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": 0, "height": 0,
-                                                              "source": "api"}},
-            "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
-                                                              "format": "jpeg", "quality": 90}}}
-
 
 def one_at_a_time(host: ComfyHost, name: str, graph_of, size: int, frames: int, warm: int) -> dict:
     """`frames` frames (after `warm` each) one at a time through the three loops, taking turns frame by frame.

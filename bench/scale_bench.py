@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 import models as bench_models  # noqa: E402
 import report  # noqa: E402
 from run import summary_ms  # noqa: E402  (the executor bench's median / p10 / p90)
-from local_fleet import WorkerProcess, ensure_debian_package, import_scale, wait_for_workers  # noqa: E402
+from local_fleet import (WorkerProcess, ensure_debian_package, import_scale, live_session_homes,  # noqa: E402
+                         running_on, wait_for_workers)
 from local_rabbitmq import LocalRabbitMQ, free_port  # noqa: E402
 from tcp_relay import TcpRelay  # noqa: E402
 
@@ -157,28 +158,11 @@ def fault_job(seed: int) -> dict:
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "fleet-bench/fault"}}}
 
 
-def running_on(workers) -> str | None:
-    for name, w in workers.items():
-        try:
-            if ComfyClient(w.comfyui_url).get_json("/queue")["queue_running"]:
-                return name
-        except Exception:
-            pass
-    return None
-
-
 def settle(fleet, workers, size: int, timeout: float = 300.0) -> None:
     """Until both workers' ComfyUIs answer, both workers consume, and each has run a job (its model loaded)."""
-    deadline = time.monotonic() + timeout
+    from scale.worker import wait_ready
     for w in workers.values():
-        while True:
-            try:
-                ComfyClient(w.comfyui_url).check()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{w.name}'s ComfyUI did not come back")
-                time.sleep(0.5)
+        wait_ready(ComfyClient(w.comfyui_url), None, timeout)
     time.sleep(3)                          # the health checks resume the consumers (two polls)
     wait_for_workers(fleet, workers, workers.values())
     for name in workers:
@@ -189,28 +173,20 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def live_move(gateway, workers, graph_of, frames) -> float:
+def live_move(gateway, workers, frames) -> float:
     """A session through the gateway; its ComfyUI SIGKILLed: seconds until its first picture after that."""
-    import signal
-    import urllib.request
     import uuid
 
-    from live_client import LiveClient, ServerLoop
+    from live_client import LiveClient, ServerLoop, passthrough_graph
     session = f"bench-move-{uuid.uuid4().hex[:8]}"
-    loop = ServerLoop(LiveClient(gateway.url, session=session).connect(), graph_of(session), reattach_within=10)
+    loop = ServerLoop(LiveClient(gateway.url, session=session).connect(), passthrough_graph(session),
+                      reattach_within=10)
     try:
         loop.drain(60)
-        home = None
-        for name, w in workers.items():
-            try:
-                urllib.request.urlopen(f"{w.comfyui_url}/comfy-turbo/live/{session}", timeout=5).close()
-                home = name
-            except OSError:
-                pass
-        if home is None:
+        homes = live_session_homes(workers, session)
+        if not homes:
             raise RuntimeError(f"no worker's ComfyUI has the session {session}")
-        for pid in workers[home].comfyui_pids():
-            os.kill(pid, signal.SIGKILL)
+        workers[homes[0]].kill_comfyui()
         killed = time.perf_counter()
         i = 0
         while not (loop.reattachments and loop.outputs and loop.outputs[-1].shown_at > killed):
@@ -226,7 +202,6 @@ def live_move(gateway, workers, graph_of, frames) -> float:
 
 def measure_recovery(args, fleet, workers, relays, log) -> dict:
     """Seconds from a fault on the worker running a job to that job's reply (see the module's docstring)."""
-    import signal
     results = {"comfyui_outage": [], "partition": [], "worker_kill": []}
     by_other = {fault: [] for fault in results}           # whether the other worker delivered the job
     seed = 10_000
@@ -242,8 +217,7 @@ def measure_recovery(args, fleet, workers, relays, log) -> dict:
             time.sleep(0.5)                       # mid-job
             started = time.perf_counter()
             if fault == "comfyui_outage":
-                for pid in workers[victim].comfyui_pids():
-                    os.kill(pid, signal.SIGKILL)
+                workers[victim].kill_comfyui()
             elif fault == "partition":
                 relays[victim].cut()
             else:
@@ -270,7 +244,7 @@ def measure_gateway(args, fleet, workers, tmp, log) -> dict:
     import uuid
 
     from PIL import Image
-    from live_client import LiveClient, ServerLoop
+    from live_client import LiveClient, ServerLoop, passthrough_graph
     from scale.gateway import Gateway
     ensure_debian_package("haproxy", "/usr/sbin/haproxy")
     frames = []
@@ -281,12 +255,6 @@ def measure_gateway(args, fleet, workers, tmp, log) -> dict:
     timings = {"direct": [], "gateway": []}
     moves = []
 
-    def graph_of(session):
-        return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": 0, "height": 0,
-                                                                 "source": "api"}},
-                "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
-                                                                  "format": "jpeg", "quality": 90}}}
-
     gateway = Gateway({"w1": f"127.0.0.1:{workers['w1'].port}"}, bind=f"127.0.0.1:{free_port()}",
                       workdir=tmp / "gateway-w1").start()
     both = None
@@ -295,7 +263,7 @@ def measure_gateway(args, fleet, workers, tmp, log) -> dict:
             route = "direct" if block % 2 == 0 else "gateway"
             session = f"bench-{uuid.uuid4().hex[:8]}"
             client = LiveClient(workers["w1"].comfyui_url if route == "direct" else gateway.url, session=session)
-            loop = ServerLoop(client.connect(), graph_of(session))
+            loop = ServerLoop(client.connect(), passthrough_graph(session))
             try:
                 loop.drain(60)
                 for i in range(args.live_frames + 3):
@@ -315,7 +283,7 @@ def measure_gateway(args, fleet, workers, tmp, log) -> dict:
                        workdir=tmp / "gateway").start()
         time.sleep(3)                       # both servers through their first health checks
         for _ in range(args.fault_rounds):
-            moves.append(live_move(both, workers, graph_of, frames))
+            moves.append(live_move(both, workers, frames))
             log(f"a live session's ComfyUI killed: its next picture, from the other worker, "
                 f"{moves[-1]:.2f} s after the kill")
             settle(fleet, workers, args.size)

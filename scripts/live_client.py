@@ -61,6 +61,14 @@ is_link = _load_live("graphs").is_link          # the server's own rule for what
 LIVE_ROUTE = "/comfy-turbo/live"
 
 
+def passthrough_graph(session: str, width: int = 0, height: int = 0, quality: int = 90) -> dict:
+    """The smallest live graph: the session's frame (fed over the API) straight back as a JPEG picture."""
+    return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": width, "height": height,
+                                                              "source": "api"}},
+            "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
+                                                               "format": "jpeg", "quality": quality}}}
+
+
 class LiveError(RuntimeError):
     """The server refused something (its message says what and how to fix it)."""
 

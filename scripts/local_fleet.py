@@ -6,20 +6,23 @@ thread), in a private base directory whose models/ links the given model files.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def ensure_debian_package(package: str, binary: str) -> None:
-    """Install a Debian package with apt-get when ``binary`` is missing (HAProxy for the live gateway, as
-    scripts/local_rabbitmq.py installs RabbitMQ), and stop the system service the package may start."""
+    """Install a Debian package with apt-get when ``binary`` is missing (RabbitMQ for scripts/local_rabbitmq.py,
+    HAProxy for the live gateway), and stop the system service the package may start (no-op without one)."""
     if Path(binary).exists():
         return
     if shutil.which("apt-get") is None:
@@ -100,6 +103,13 @@ class WorkerProcess:
                 pids.append(int(stat.parent.name))
         return pids
 
+    def kill_comfyui(self) -> list[int]:
+        """SIGKILL this worker's ComfyUI (the worker starts it again); the pids killed."""
+        pids = self.comfyui_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
     @property
     def comfyui_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -112,6 +122,37 @@ class WorkerProcess:
         for path in sorted(self.base.glob("*.log")):
             text += f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
         return text
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def running_on(workers: dict[str, WorkerProcess]) -> str | None:
+    """The worker whose ComfyUI is running a prompt now (None: none is, or none answers)."""
+    for name, w in workers.items():
+        try:
+            if _get_json(f"{w.comfyui_url}/queue")["queue_running"]:
+                return name
+        except OSError:
+            pass
+    return None
+
+
+def live_session_homes(workers: dict[str, WorkerProcess], session: str) -> list[str]:
+    """The workers whose ComfyUI has this live session (the pack's GET /comfy-turbo/live/<session>)."""
+    homes = []
+    for name, w in workers.items():
+        try:
+            _get_json(f"{w.comfyui_url}/comfy-turbo/live/{session}")
+            homes.append(name)
+        except urllib.error.HTTPError as e:
+            if e.code not in (400, 404):             # "no such session" is an answer; anything else is not
+                raise
+        except OSError:
+            pass
+    return homes
 
 
 def wait_for_workers(fleet, names, processes, timeout: float = 300.0) -> None:

@@ -11,7 +11,6 @@ data directory, so ``restart()`` keeps them.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,22 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_host import free_port  # noqa: E402
+from local_fleet import ensure_debian_package  # noqa: E402
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")    # the scripts themselves, run as the current user
 DEBIAN_PACKAGE = "rabbitmq-server"
 
 
 def ensure_installed() -> None:
-    if (RABBITMQ_BIN / "rabbitmq-server").exists():
-        return
-    if shutil.which("apt-get") is None:
-        raise RuntimeError(f"RabbitMQ is missing and there is no apt-get to install Debian's {DEBIAN_PACKAGE}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", DEBIAN_PACKAGE], check=True, env=env, timeout=900,
-                   stdout=subprocess.DEVNULL)
-    # The package may start a system broker; ours are private, stop that one (no-op without systemd).
-    subprocess.run(["service", DEBIAN_PACKAGE, "stop"], capture_output=True)
+    # The package may start a system broker; ours are private, and that one is stopped.
+    ensure_debian_package(DEBIAN_PACKAGE, str(RABBITMQ_BIN / "rabbitmq-server"))
 
 
 class LocalRabbitMQ:

@@ -20,7 +20,7 @@ import websocket
 from PIL import Image
 
 from comfy_host import PromptRejected
-from live_client import LiveClient, LiveError, ServerLoop
+from live_client import LiveClient, LiveError, ServerLoop, passthrough_graph as passthrough
 from workflow_utils import TEST_SIZE, live_names, load_api_twin, node_of, shrink
 
 LIVE_SIZE = 64                      # the model loops run at 64x64: a few frames per second on 2 cores
@@ -60,13 +60,6 @@ def encode(pixels: np.ndarray, fmt: str = "JPEG", **options) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}), **options)
     return buffer.getvalue()
-
-
-def passthrough(session: str, width: int = 0, height: int = 0) -> dict:
-    return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": width, "height": height,
-                                                              "source": "api"}},
-            "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
-                                                               "format": "jpeg", "quality": 90}}}
 
 
 def live_twin(name: str, session: str, size: int = LIVE_SIZE) -> dict:

@@ -26,7 +26,8 @@ from workflow_utils import SD_TURBO, node_of, txt2img
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_host import free_port  # noqa: E402
-from local_fleet import WorkerProcess, ensure_debian_package, import_scale, wait_for_workers  # noqa: E402
+from local_fleet import (WorkerProcess, ensure_debian_package, import_scale, live_session_homes,  # noqa: E402
+                         running_on, wait_for_workers)
 from tcp_relay import TcpRelay  # noqa: E402
 
 import_scale()
@@ -239,17 +240,6 @@ def test_a_poison_job_is_dead_lettered_after_three_attempts_and_the_rest_flow(br
     assert restarts == 3, "the poison job should have ended a ComfyUI exactly three times, each started again"
 
 
-def running_on(workers) -> str | None:
-    """The worker whose ComfyUI is running a prompt now."""
-    for name, w in workers.items():
-        try:
-            if comfy_get(w.comfyui_url, "/queue")["queue_running"]:
-                return name
-        except OSError:
-            pass
-    return None
-
-
 def test_a_worker_cut_off_mid_job_loses_it_to_the_other_and_comes_back_by_itself(fleet, workers, relays):
     job_id = fleet.submit(fault_prompt(seconds=8, seed=70))
     cut = wait_until(lambda: running_on(workers), 60, "the job to start on a worker")
@@ -328,13 +318,6 @@ def test_the_fleet_cli_prints_the_gateway_config(capsys):
     assert "    bind 127.0.0.1:9" in printed and "    server gpu0 [::1]:8188 check" in printed
 
 
-def live_passthrough(session: str, quality: int = 90) -> dict:
-    return {"1": {"class_type": "TurboLiveInput", "inputs": {"session": session, "width": 0, "height": 0,
-                                                              "source": "api"}},
-            "2": {"class_type": "TurboLiveOutput", "inputs": {"images": ["1", 0], "session": session,
-                                                               "format": "jpeg", "quality": quality}}}
-
-
 def live_frame(i: int) -> bytes:
     import io
 
@@ -346,39 +329,25 @@ def live_frame(i: int) -> bytes:
     return buffer.getvalue()
 
 
-def live_homes(workers, session: str) -> list[str]:
-    """The workers whose ComfyUI has this live session."""
-    homes = []
-    for name, w in workers.items():
-        try:
-            comfy_get(w.comfyui_url, f"/comfy-turbo/live/{session}")
-            homes.append(name)
-        except urllib.error.HTTPError as e:
-            assert e.code in (400, 404), e
-        except OSError:
-            pass
-    return homes
-
-
 def test_live_sessions_through_the_gateway_keep_to_one_worker_and_move_when_it_dies(fleet, workers, gateway):
     """Four live sessions through the gateway (scripts/live_client.py's ServerLoop): each one's frames, value
     change and pictures pass through one worker's ComfyUI, and the sessions spread over both. Then one
     session's ComfyUI is SIGKILLed: its sessions reattach through the gateway to the other worker within
     10 s and their loops go on; the other worker's sessions never move."""
-    from live_client import LiveClient, ServerLoop
+    from live_client import LiveClient, ServerLoop, passthrough_graph
     sessions = [f"gateway-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
-    loops = {s: ServerLoop(LiveClient(gateway.url, session=s).connect(), live_passthrough(s), reattach_within=10)
+    loops = {s: ServerLoop(LiveClient(gateway.url, session=s).connect(), passthrough_graph(s), reattach_within=10)
              for s in sessions}
     try:
         for step in range(6):
             for s, loop in loops.items():
                 loop.push_frame(live_frame(step))
                 if step == 3:
-                    loop.edit(live_passthrough(s, quality=70))
+                    loop.edit(passthrough_graph(s, quality=70))
                 loop.pump(0.1)
         for loop in loops.values():
             loop.drain(60)
-        homes = {s: live_homes(workers, s) for s in sessions}
+        homes = {s: live_session_homes(workers, s) for s in sessions}
         assert all(len(h) == 1 for h in homes.values()), f"a session should live on one worker: {homes}"
         for path in ("/queue", "/system_stats", "/interrupt", "/api/free", "/"):   # only the live client's routes pass
             with pytest.raises(urllib.error.HTTPError, match="403"):
@@ -400,9 +369,8 @@ def test_live_sessions_through_the_gateway_keep_to_one_worker_and_move_when_it_d
         moving = [s for s in sessions if homes[s] == [victim]]
         staying = [s for s in sessions if homes[s] == [survivor]]
         shown = {s: len(loops[s].outputs) for s in sessions}
-        pids = workers[victim].comfyui_pids()
-        assert len(pids) == 1, pids
-        os.kill(pids[0], 9)
+        killed = workers[victim].kill_comfyui()
+        assert len(killed) == 1, killed
         killed_at = time.perf_counter()
         step = 100
 
@@ -421,11 +389,11 @@ def test_live_sessions_through_the_gateway_keep_to_one_worker_and_move_when_it_d
             loop = loops[s]
             (move,) = loop.reattachments
             assert move["attached_at"] - killed_at < 10, f"{s} took {move['attached_at'] - killed_at:.1f} s to reattach"
-            assert not loop.closed and live_homes(workers, s) == [survivor]
+            assert not loop.closed and live_session_homes(workers, s) == [survivor]
         for s in staying:
             loop = loops[s]
             assert not loop.reattachments and not loop.closed and len(loop.outputs) > shown[s]
-            assert live_homes(workers, s) == [survivor]
+            assert live_session_homes(workers, s) == [survivor]
     finally:
         for loop in loops.values():
             loop.client.close()
