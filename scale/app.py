@@ -62,6 +62,7 @@ DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 MAX_ATTEMPTS = 3                            # attempts that ended ComfyUI or the worker, before the dead-letter queue
 MAX_REQUEUES = 100                          # times a job went back because ComfyUI was down, before an error
 DEFAULT_HEARTBEAT_S = 10.0                  # AMQP heartbeats: a cut link is noticed in about twice this
+WORKER_PUBLISH_RETRY = {"max_retries": 20, "interval_start": 0.5, "interval_step": 1, "interval_max": 5}
 
 log = logging.getLogger("comfy_turbo.scale")
 
@@ -211,7 +212,7 @@ def count_attempt(app: Celery, job: dict, queue: str, attempts: int, why: str) -
 def republish(app: Celery, job: dict, queue: str) -> None:
     """``job`` back on ``queue`` as a new message (the held one is acked when the task returns)."""
     app.send_task(TASK_NAME, args=[job], task_id=job["id"], queue=queue, retry=True,
-                  retry_policy={"max_retries": 20, "interval_start": 0.5, "interval_step": 1, "interval_max": 5})
+                  retry_policy=WORKER_PUBLISH_RETRY)
 
 
 # RabbitMQ's refusal: "PRECONDITION_FAILED - message size 2000000 is larger than configured max size 1048576"
@@ -249,15 +250,14 @@ def send_reply(app: Celery, job: dict, reply: dict) -> dict:
 def publish(app: Celery, routing_key: str, body: dict, queue: Queue, fresh: bool = False) -> None:
     """A persistent message on the default exchange, declared ``queue`` first; ``fresh``: on a new
     connection (after the broker closed the pooled one's channel)."""
-    policy = {"max_retries": 20, "interval_start": 0.5, "interval_step": 1, "interval_max": 5}
+    options = dict(exchange="", routing_key=routing_key, serializer="json", delivery_mode=2, declare=[queue],
+                   retry=True, retry_policy=WORKER_PUBLISH_RETRY)
     if fresh:
         with app.connection_for_write() as connection:
-            connection.Producer().publish(body, exchange="", routing_key=routing_key, serializer="json",
-                                          delivery_mode=2, declare=[queue], retry=True, retry_policy=policy)
+            connection.Producer().publish(body, **options)
         return
     with app.producer_or_acquire() as producer:
-        producer.publish(body, exchange="", routing_key=routing_key, serializer="json", delivery_mode=2,
-                         declare=[queue], retry=True, retry_policy=policy)
+        producer.publish(body, **options)
 
 
 def publish_reply(app: Celery, client_id: str, reply: dict, fresh: bool = False) -> None:

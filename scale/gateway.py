@@ -93,10 +93,11 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        host, port = _host_port(self.bind, "--bind")
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{port}"
+        host, port = self._address()
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def _address(self) -> tuple[str, int]:
+        """Where a client on this machine reaches the gateway (a wildcard bind: on loopback)."""
         host, port = _host_port(self.bind, "--bind")
         return ("127.0.0.1" if host in ("0.0.0.0", "*") else host.strip("[]")), port
 

@@ -79,10 +79,9 @@ class ComfySupervisor:
     """The ComfyUI this worker started: started again on the same port whenever it exits, until it fails to
     start (exits or hangs before answering) ``max_restarts`` times in a row (then the worker stops, status 3)."""
 
-    def __init__(self, start, client: ComfyClient, startup_timeout: float, max_restarts: int = 5,
-                 quick_s: float = 60.0):
+    def __init__(self, start, client: ComfyClient, startup_timeout: float, max_restarts: int = 5):
         self.start, self.client, self.startup_timeout = start, client, startup_timeout
-        self.max_restarts, self.quick_s = max_restarts, quick_s
+        self.max_restarts = max_restarts
         self.process: subprocess.Popen = start()
         self.restarts = 0
         self._lock = threading.Lock()         # stop() never races a restart: no ComfyUI outlives its worker
@@ -158,6 +157,10 @@ class HealthCheck:
         self.interval, self.failures = interval, failures
         self.consuming = True
 
+    def _consume(self, consume: bool) -> None:
+        self.app.control.broadcast("comfy_turbo_consume", arguments={"consume": consume}, destination=[self.node_name])
+        self.consuming = consume
+
     def run(self) -> None:
         failed = turn = 0
         while not STOPPING.is_set():
@@ -167,19 +170,14 @@ class HealthCheck:
                 # Either state is sent again every few turns: a broadcast sent while the worker's consumer
                 # was reconnecting (or not yet listening) is lost, and the command is idempotent.
                 if failed == 0 and self.consuming and (turn := turn + 1) % 10 == 0:
-                    self.app.control.broadcast("comfy_turbo_consume", arguments={"consume": True},
-                                               destination=[self.node_name])
+                    self._consume(True)
                 if failed >= self.failures and (self.consuming or failed % 5 == 0):
                     if self.consuming:
                         log.warning("ComfyUI at %s does not answer: no more jobs until it does", self.client.url)
-                    self.app.control.broadcast("comfy_turbo_consume", arguments={"consume": False},
-                                               destination=[self.node_name])
-                    self.consuming = False
+                    self._consume(False)
                 elif not self.consuming and failed == 0:
                     log.info("ComfyUI at %s answers again: taking jobs", self.client.url)
-                    self.app.control.broadcast("comfy_turbo_consume", arguments={"consume": True},
-                                               destination=[self.node_name])
-                    self.consuming = True
+                    self._consume(True)
             except Exception as e:            # the broker unreachable: try again on the next turn
                 log.warning("health check: could not reach the broker (%s)", e)
 
